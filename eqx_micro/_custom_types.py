@@ -1,0 +1,20 @@
+from collections.abc import Callable
+from typing import Any, TypeAlias
+
+import jax
+import numpy as np
+from jaxtyping import Array, ArrayLike, Int
+
+
+# A static size (a Python or NumPy integer).
+StaticInt: TypeAlias = int | np.integer
+# A number of microbatches that may be known only at run time.
+MicrobatchCount: TypeAlias = int | np.integer | Int[Array, ""]
+# A microbatch index inside the loop: traced in the loop, concrete outside it.
+MicrobatchIndex: TypeAlias = int | Int[ArrayLike, ""]
+# An axis specification for one argument: an int, `None`, or a PyTree prefix of them.
+AxisSpec: TypeAlias = Any
+Shape: TypeAlias = tuple[int, ...]
+DType: TypeAlias = Any
+Struct: TypeAlias = jax.ShapeDtypeStruct
+AnyCallable: TypeAlias = Callable[..., Any]

@@ -90,29 +90,34 @@ def _carry_dtype(requested: DType, leaf: Any) -> Any:
     return leaf.dtype if requested is None else jnp.dtype(requested)
 
 
-def _zeros(struct: jax.ShapeDtypeStruct, dtype: Any, shape: Any = None) -> Array:
-    """Zeros shaped like `struct` (or `shape`) that keep an explicit sharding, if any."""
-    shape = struct.shape if shape is None else shape
-    return jnp.zeros(shape, dtype, out_sharding=_explicit_sharding(struct, shape))
+def _zeros(struct: jax.ShapeDtypeStruct, dtype: Any) -> Array:
+    """Zeros shaped like `struct`, keeping an explicit sharding if there is one."""
+    return jnp.zeros(struct.shape, dtype, out_sharding=_explicit_sharding(struct))
 
 
 def _full(struct: jax.ShapeDtypeStruct, value: Any, dtype: Any) -> Array:
-    return jnp.full(
-        struct.shape, value, dtype, out_sharding=_explicit_sharding(struct, struct.shape)
-    )
+    return jnp.full(struct.shape, value, dtype, out_sharding=_explicit_sharding(struct))
 
 
-def _explicit_sharding(struct: jax.ShapeDtypeStruct, shape: Any) -> Any:
-    # Under an explicit-sharding mesh the loop carry must have the same sharding type as
-    # the values folded into it; elsewhere (auto sharding, no mesh) XLA propagates it.
+def _explicit_sharding(
+    struct: jax.ShapeDtypeStruct, insert_axis: int | None = None
+) -> Any:
+    """The sharding a loop carry needs under an explicit-sharding mesh, else None.
+
+    There the carry must have the same sharding type as the values folded into it;
+    elsewhere (auto sharding, no mesh) XLA propagates shardings itself. `insert_axis`
+    adds a replicated axis at that position (the per-microbatch slots of `Concat`).
+    """
     sharding = getattr(struct, "sharding", None)
-    if not isinstance(sharding, jax.sharding.NamedSharding):
-        return None
-    if not any(
+    if not isinstance(sharding, jax.sharding.NamedSharding) or not any(
         t == jax.sharding.AxisType.Explicit for t in sharding.mesh.axis_types
-    ) or tuple(shape) != tuple(struct.shape):
+    ):
         return None
-    return sharding
+    if insert_axis is None:
+        return sharding
+    spec = list(sharding.spec) + [None] * (len(struct.shape) - len(sharding.spec))
+    spec.insert(insert_axis, None)
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
 
 
 def _require_inexact(name: str, example: Any, dtype: DType) -> None:
@@ -294,7 +299,8 @@ class Concat(AbstractAccumulator):
             # Carry layout (examples per microbatch, microbatches, ...): flattening it
             # row-major gives back the original order of the column-major split.
             shape = (struct.shape[0], num_microbatches, *struct.shape[1:])
-            return _zeros(struct, struct.dtype, shape)
+            sharding = _explicit_sharding(struct, insert_axis=1)
+            return jnp.zeros(shape, struct.dtype, out_sharding=sharding)
 
         return jtu.tree_map_with_path(init_leaf, example)
 

@@ -178,6 +178,13 @@ def _split_inputs(
             "least one argument holding arrays as batched (`argnums`/`argnames`/"
             "`in_axes`)."
         )
+    mask_size = sizes.pop(_PADDING, None)
+    if not sizes:
+        raise ValueError(
+            f"`{caller}` found no arrays to split in the batched arguments. Mark at "
+            "least one argument holding arrays as batched (`argnums`/`argnames`/"
+            "`in_axes`)."
+        )
     if len(set(sizes.values())) > 1:
         seen = ", ".join(f"{size} in `{where}`" for where, size in sizes.items())
         raise ValueError(
@@ -186,6 +193,11 @@ def _split_inputs(
             "for the arguments that are not batched."
         )
     where, batch_size = next(iter(sizes.items()))
+    if mask_size is not None and mask_size != batch_size:
+        raise ValueError(
+            f"`{caller}` got `is_padding_example` of length {mask_size} for a batch of "
+            f"{batch_size} examples; give one flag per example."
+        )
     if microbatch_size is None:  # One microbatch of the whole batch.
         microbatch_size = max(batch_size, 1)
     num_microbatches = num_microbatches_for(batch_size, microbatch_size, where, caller)
@@ -302,12 +314,12 @@ def _call_microbatched(
     argument: str,
 ) -> Any:
     """Runs `fun(*args, **kwargs)` per microbatch and returns the accumulated result."""
+    if is_padding_example is not None:
+        validate_padding_mask(is_padding_example, None, caller)
     split, batch_size, microbatch_size = _split_inputs(
         inputs, axes, microbatch_size, param_names, caller
     )
     num_microbatches = split.num_microbatches
-    if is_padding_example is not None:
-        validate_padding_mask(is_padding_example, batch_size, caller)
     bound = _loop_bound(
         num_real_microbatches,
         is_padding_example,

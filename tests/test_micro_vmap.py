@@ -1,0 +1,104 @@
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax.microbatching as omb
+import pytest
+from hypothesis import given, settings
+
+import eqx_micro as em
+
+from .helpers import assert_tree_allclose
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    batch_size=st.sampled_from([1, 4, 6, 8]),
+    axis=st.sampled_from([0, 1, -1]),
+    data=st.data(),
+)
+def test_concat_equals_vmap(batch_size, axis, data):
+    microbatch_size = data.draw(
+        st.sampled_from([d for d in range(1, batch_size + 1) if batch_size % d == 0])
+    )
+    rng = np.random.default_rng(batch_size)
+    shape = [3, 2]
+    shape.insert(axis % 3 if axis >= 0 else 2, batch_size)
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3,)), jnp.float32)  # not batched
+    fun = lambda x, w: {"norm": jnp.linalg.norm(x), "outer": jnp.outer(x[:, 0], w)}
+    expected = jax.vmap(fun, in_axes=(axis, None))(x, w)
+    actual = em.micro_vmap(fun, in_axes=(axis, None), microbatch_size=microbatch_size)(
+        x, w
+    )
+    assert_tree_allclose(actual, expected)
+
+
+def test_in_axes_one_matches_vmap_and_optax():
+    x = jnp.arange(64.0).reshape(2, 4, 8)
+    expected = jax.vmap(jnp.sum, in_axes=1)(x)
+    assert_tree_allclose(em.micro_vmap(jnp.sum, in_axes=1, microbatch_size=2)(x), expected)
+    assert_tree_allclose(
+        omb.micro_vmap(jnp.sum, in_axes=1, microbatch_size=2)(x), expected
+    )
+
+
+def test_keyword_arguments_are_mapped_on_axis_zero():
+    def fun(x, *, y):
+        return x * y
+
+    x, y = jnp.arange(6.0), jnp.arange(6.0) + 1
+    assert_tree_allclose(em.micro_vmap(fun, microbatch_size=3)(x, y=y), x * y)
+
+
+@pytest.mark.parametrize(
+    "accumulator,expected",
+    [(em.Sum(), 12.0), (em.Mean(), 0.75), (em.RunningMean(), 1.0), (em.Max(), 1.0)],
+)
+def test_reducing_accumulators_with_early_stopping(accumulator, expected):
+    f = em.micro_vmap(
+        jnp.sum, microbatch_size=4, accumulator=accumulator, num_real_microbatches=3
+    )
+    assert f(jnp.ones(16)) == expected
+
+
+@pytest.mark.parametrize("microbatch_size", [None, 1, 2, 6])
+def test_sum_and_mean_of_per_example_values(microbatch_size, getkey):
+    x = jax.random.normal(getkey(), (6, 5))
+    total = em.micro_vmap(
+        lambda x: x**2, microbatch_size=microbatch_size, accumulator=em.Sum()
+    )(x)
+    mean = em.micro_vmap(
+        lambda x: x**2, microbatch_size=microbatch_size, accumulator=em.Mean()
+    )(x)
+    assert_tree_allclose(total, jnp.sum(x**2, axis=0))
+    assert_tree_allclose(mean, jnp.mean(x**2, axis=0))
+
+
+def test_out_axes_moves_the_batch_axis(getkey):
+    x = jax.random.normal(getkey(), (6, 3))
+    fun = lambda x: jnp.outer(x, x)
+    expected = jax.vmap(fun, out_axes=2)(x)
+    assert_tree_allclose(em.micro_vmap(fun, out_axes=2, microbatch_size=2)(x), expected)
+
+
+def test_non_array_arguments_are_not_mapped():
+    def fun(x, mode, scale):
+        assert mode == "double" and scale == 2
+        return x * scale
+
+    x = jnp.arange(4.0)
+    assert_tree_allclose(em.micro_vmap(fun, microbatch_size=2)(x, "double", 2), x * 2)
+
+
+def test_padding_mask_reaches_each_example(getkey):
+    def loss(x, *, is_padding_example):
+        return jnp.where(is_padding_example, 0.0, x**2)
+
+    x = jnp.arange(8.0)
+    mask = jnp.arange(8) >= 3
+    f = em.micro_vmap(loss, microbatch_size=2, accumulator=em.Sum())
+    order = em.compute_early_stopping_order(8, 2)
+    assert f(x[order], is_padding_example=mask[order]) == 0 + 1 + 4
+    per_example = em.micro_vmap(loss, microbatch_size=2)(x, is_padding_example=mask)
+    assert_tree_allclose(per_example, jnp.where(mask, 0.0, x**2))

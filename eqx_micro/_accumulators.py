@@ -120,6 +120,27 @@ def _explicit_sharding(
     return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
 
 
+def _sum_leading_axis(values: Array, dtype: Any) -> Array:
+    """`values.sum(axis=0)` in `dtype`, written as a contraction for floating values.
+
+    On XLA:CPU, a reduction over the leading axis of a fused product (e.g. clipped
+    per-example gradients) inside a loop is far slower than the same sum as a dot
+    with a ones vector: 36.4 s against 0.57 s for an MLP's clipped per-example
+    gradients (batch 256 in microbatches of 32), with equal results.
+    """
+    if not jnp.issubdtype(values.dtype, jnp.inexact):
+        return jnp.sum(values, axis=0, dtype=dtype)
+    ones = jnp.ones(values.shape[0], values.dtype)
+    return jax.lax.dot_general(
+        ones, values, (((0,), (0,)), ((), ())), preferred_element_type=dtype
+    )
+
+
+def _mean_leading_axis(values: Array, dtype: Any) -> Array:
+    total = _sum_leading_axis(values, dtype)
+    return total / jnp.asarray(values.shape[0], total.dtype)
+
+
 def _require_inexact(name: str, example: Any, dtype: DType) -> None:
     for path, struct in jtu.tree_flatten_with_path(example)[0]:
         carry = _carry_dtype(dtype, struct)
@@ -166,7 +187,7 @@ class Sum(AbstractAccumulator):
 
     def aggregate(self, values: PyTree[Array]) -> PyTree[Array]:
         return jtu.tree_map(
-            lambda v: jnp.sum(v, axis=0, dtype=_carry_dtype(self.dtype, v)), values
+            lambda v: _sum_leading_axis(v, _carry_dtype(self.dtype, v)), values
         )
 
 
@@ -211,7 +232,7 @@ class Mean(AbstractAccumulator):
 
     def aggregate(self, values: PyTree[Array]) -> PyTree[Array]:
         return jtu.tree_map(
-            lambda v: jnp.mean(v, axis=0, dtype=_carry_dtype(self.dtype, v)), values
+            lambda v: _mean_leading_axis(v, _carry_dtype(self.dtype, v)), values
         )
 
 
@@ -264,7 +285,7 @@ class RunningMean(AbstractAccumulator):
 
     def aggregate(self, values: PyTree[Array]) -> PyTree[Array]:
         return jtu.tree_map(
-            lambda v: jnp.mean(v, axis=0, dtype=_carry_dtype(self.dtype, v)), values
+            lambda v: _mean_leading_axis(v, _carry_dtype(self.dtype, v)), values
         )
 
 

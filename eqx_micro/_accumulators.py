@@ -99,9 +99,7 @@ def _full(struct: jax.ShapeDtypeStruct, value: Any, dtype: Any) -> Array:
     return jnp.full(struct.shape, value, dtype, out_sharding=_explicit_sharding(struct))
 
 
-def _explicit_sharding(
-    struct: jax.ShapeDtypeStruct, insert_axis: int | None = None
-) -> Any:
+def _explicit_sharding(struct: jax.ShapeDtypeStruct, insert_axis: int | None = None) -> Any:
     """The sharding a loop carry needs under an explicit-sharding mesh, else None.
 
     There the carry must have the same sharding type as the values folded into it;
@@ -474,9 +472,7 @@ def canonicalize_accumulators(accumulator: Any, argument: str) -> Any:
             f"`{argument}{jtu.keystr(path)}`."
         )
 
-    return jtu.tree_map_with_path(
-        canonicalize, accumulator, is_leaf=_is_accumulator_leaf
-    )
+    return jtu.tree_map_with_path(canonicalize, accumulator, is_leaf=_is_accumulator_leaf)
 
 
 def is_accumulator(x: Any) -> bool:
@@ -497,4 +493,3 @@ def map_accumulators(fn: Any, accumulators: Any, *trees: Any, argument: str) -> 
             f"\n  output:    {jtu.tree_structure(trees[0])}\nPass a single "
             f"accumulator, or give `{argument}` the output's container types and keys."
         ) from None
-

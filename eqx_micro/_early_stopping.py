@@ -50,9 +50,7 @@ def compute_early_stopping_order(
         raise ValueError(f"`batch_size` must be >= 0, got {batch_size}.")
     if microbatch_size is None:
         return np.arange(batch_size)
-    microbatch_size = check_microbatch_size(
-        microbatch_size, "compute_early_stopping_order"
-    )
+    microbatch_size = check_microbatch_size(microbatch_size, "compute_early_stopping_order")
     num_microbatches_for(
         batch_size, microbatch_size, "batch_size", "compute_early_stopping_order"
     )
@@ -181,9 +179,7 @@ def verify_early_stopping_order(
     batch_size = mask.shape[0]
     if microbatch_size is None or batch_size == 0:
         return True
-    microbatch_size = check_microbatch_size(
-        microbatch_size, "verify_early_stopping_order"
-    )
+    microbatch_size = check_microbatch_size(microbatch_size, "verify_early_stopping_order")
     num_microbatches = num_microbatches_for(
         batch_size, microbatch_size, "is_padding_example", "verify_early_stopping_order"
     )

@@ -1,0 +1,448 @@
+"""The engine behind every transform: one compiled loop over microbatches.
+
+`call_microbatched` does, in order:
+
+1. check the batched leaves of the inputs and split each batch axis column-major into
+   `(microbatch_size, num_microbatches)` (see `_batch_axis.py`);
+2. trace the per-microbatch function once (`eqx.filter_make_jaxpr`), so the loop body
+   replays that jaxpr and non-array outputs never enter the loop carry;
+3. run the microbatches in one `lax.fori_loop` (bounded by early stopping, if any), or
+   unrolled, folding each result into the accumulators' carry and threading an optional
+   carried value (e.g. `eqx.nn.State`) from one microbatch to the next;
+4. finalize the accumulators and put the non-array outputs back.
+"""
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.extend as jex
+import jax.numpy as jnp
+import jax.tree_util as jtu
+
+from ._accumulators import (
+    AbstractAccumulator,
+    canonicalize_accumulators,
+    is_accumulator,
+    map_accumulators,
+)
+from ._batch_axis import num_microbatches_for, split_batch_axis
+from ._custom_types import StaticInt
+from ._early_stopping import count_real_microbatches, validate_padding_mask
+
+
+PADDING = "is_padding_example"
+
+
+# Naming arguments in error messages.
+
+
+def signature_of(fun: Callable) -> inspect.Signature | None:
+    try:
+        return inspect.signature(fun)
+    except (TypeError, ValueError):  # Some builtins and C callables have none.
+        return None
+
+
+def _describe_leaf(path: tuple, param_names: Sequence[str]) -> str:
+    """`(args, kwargs)` key path -> `x['a']`, the way the user passed it."""
+    group, key, *rest = path
+    if group.idx == 0:
+        index = key.idx
+        head = param_names[index] if index < len(param_names) else f"args[{index}]"
+    else:
+        head = str(key.key)
+    return head + jtu.keystr(tuple(rest))
+
+
+def positional_names(signature: inspect.Signature | None) -> list[str]:
+    if signature is None:
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in signature.parameters.values() if p.kind in kinds]
+
+
+def accepts_keyword(signature: inspect.Signature | None, name: str) -> bool:
+    if signature is None:
+        return True
+    for parameter in signature.parameters.values():
+        if parameter.kind == inspect.Parameter.VAR_KEYWORD:
+            return True
+        if parameter.name == name and parameter.kind in (
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            inspect.Parameter.KEYWORD_ONLY,
+        ):
+            return True
+    return False
+
+
+def broadcast_axes(axes: Any, inputs: Any, caller: str, argument: str) -> Any:
+    """Expands an axis prefix tree to one axis (or None) per leaf of `inputs`."""
+
+    def expand(axis, subtree):
+        if axis is not None and (isinstance(axis, bool) or not isinstance(axis, int)):
+            raise TypeError(
+                f"`{caller}` got {axis!r} in `{argument}`; each entry must be an int "
+                "axis, None, or a PyTree prefix of the argument with those as leaves."
+            )
+        return jtu.tree_map(lambda leaf: axis if eqx.is_array(leaf) else None, subtree)
+
+    try:
+        return jtu.tree_map(expand, axes, inputs, is_leaf=lambda x: x is None)
+    except ValueError as error:
+        raise ValueError(
+            f"`{caller}`: `{argument}` must be an int, None, or a PyTree prefix of the "
+            f"batched arguments; its structure does not match them ({error})."
+        ) from None
+
+
+class _Split(eqx.Module):
+    """The batched leaves of the inputs, split into microbatches."""
+
+    inputs: Any  # (args, kwargs) with each batched leaf split to (..., mbs, M, ...)
+    axes: Any  # (args, kwargs)-shaped: the batch axis of each batched leaf, else None
+    num_microbatches: int = eqx.field(static=True)
+
+    def take(self, index: Any) -> Any:
+        """Microbatch `index`: every batched leaf with its `M` axis indexed away."""
+
+        def take_leaf(axis, leaf):
+            if axis is None:
+                return leaf
+            return jax.lax.dynamic_index_in_dim(leaf, index, axis + 1, keepdims=False)
+
+        return jtu.tree_map(take_leaf, self.axes, self.inputs, is_leaf=_is_none)
+
+    def example(self, microbatch_size: int) -> Any:
+        """Shapes (and shardings) of one microbatch, for tracing."""
+        if self.num_microbatches > 0:
+            return eqx.filter_eval_shape(lambda: self.take(0))
+
+        def struct(axis, leaf):
+            if axis is None:
+                return leaf
+            shape = (*leaf.shape[: axis + 1], *leaf.shape[axis + 2 :])
+            return jax.ShapeDtypeStruct(shape, leaf.dtype)
+
+        return jtu.tree_map(struct, self.axes, self.inputs, is_leaf=_is_none)
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+def _split_inputs(
+    inputs: Any,
+    axes: Any,
+    microbatch_size: int | None,
+    param_names: Sequence[str],
+    caller: str,
+) -> tuple[_Split, int, int]:
+    """Checks the batched leaves and splits them; returns (split, batch, mbs)."""
+    flat, treedef = jtu.tree_flatten_with_path(inputs)
+    flat_axes = treedef.flatten_up_to(axes)
+    sizes: dict[str, int] = {}
+    normalized = []
+    for (path, leaf), axis in zip(flat, flat_axes):
+        if axis is None:
+            normalized.append(None)
+            continue
+        where = _describe_leaf(path, param_names)
+        if leaf.ndim == 0:
+            raise ValueError(
+                f"`{caller}` got a 0-d array in the batched argument `{where}`; a "
+                "batched array needs a batch axis. Give it one, or do not mark this "
+                "argument as batched (use `in_axes=None` for it)."
+            )
+        if not -leaf.ndim <= axis < leaf.ndim:
+            raise ValueError(
+                f"`{caller}` got batch axis {axis} for `{where}`, which has shape "
+                f"{tuple(leaf.shape)}; pass an `in_axes` within its {leaf.ndim} axes."
+            )
+        axis = axis % leaf.ndim
+        normalized.append(axis)
+        sizes[where] = leaf.shape[axis]
+    if not sizes:
+        raise ValueError(
+            f"`{caller}` found no arrays to split in the batched arguments. Mark at "
+            "least one argument holding arrays as batched (`argnums`/`argnames`/"
+            "`in_axes`)."
+        )
+    mask_size = sizes.pop(PADDING, None)
+    if not sizes:
+        raise ValueError(
+            f"`{caller}` found no arrays to split in the batched arguments. Mark at "
+            "least one argument holding arrays as batched (`argnums`/`argnames`/"
+            "`in_axes`)."
+        )
+    if len(set(sizes.values())) > 1:
+        seen = ", ".join(f"{size} in `{where}`" for where, size in sizes.items())
+        raise ValueError(
+            f"`{caller}` needs every batched array to have the same batch size; got "
+            f"{seen}. Give them the same number of examples, or pass `in_axes=None` "
+            "for the arguments that are not batched."
+        )
+    where, batch_size = next(iter(sizes.items()))
+    if mask_size is not None and mask_size != batch_size:
+        raise ValueError(
+            f"`{caller}` got `is_padding_example` of length {mask_size} for a batch of "
+            f"{batch_size} examples; give one flag per example."
+        )
+    if microbatch_size is None:  # One microbatch of the whole batch.
+        microbatch_size = max(batch_size, 1)
+    num_microbatches = num_microbatches_for(batch_size, microbatch_size, where, caller)
+    axes = treedef.unflatten(normalized)
+
+    def split(axis, leaf):
+        if axis is None:
+            return leaf
+        return split_batch_axis(leaf, microbatch_size, axis)
+
+    split_inputs = jtu.tree_map(split, axes, inputs, is_leaf=_is_none)
+    return _Split(split_inputs, axes, num_microbatches), batch_size, microbatch_size
+
+
+def _static_or_traced(x: Any) -> Any:
+    """A concrete integer as a Python int; a traced one unchanged."""
+    if isinstance(x, jax.core.Tracer):
+        return x
+    return int(x)
+
+
+def _loop_bound(
+    num_real_microbatches: Any,
+    is_padding_example: Any,
+    batch_size: int,
+    microbatch_size: int,
+    num_microbatches: int,
+    caller: str,
+) -> Any:
+    """How many microbatches to run: a Python int, or an int32 array under tracing."""
+    bound: Any = num_microbatches
+    if num_real_microbatches is not None:
+        n = num_real_microbatches
+        if isinstance(n, bool) or not (
+            isinstance(n, StaticInt)
+            or (hasattr(n, "dtype") and jnp.issubdtype(n.dtype, jnp.integer))
+        ):
+            raise TypeError(
+                f"`{caller}` needs `num_real_microbatches` to be an int or an integer "
+                f"scalar array, got {n!r}."
+            )
+        if jnp.ndim(n) != 0:
+            raise ValueError(
+                f"`{caller}` needs `num_real_microbatches` to be a scalar, got shape "
+                f"{jnp.shape(n)}."
+            )
+        n = _static_or_traced(n)
+        if isinstance(n, int):
+            if not 0 <= n <= num_microbatches:
+                raise ValueError(
+                    f"`{caller}` got `num_real_microbatches={n}`, outside [0, "
+                    f"{num_microbatches}] for a batch of {batch_size} split into "
+                    f"{num_microbatches} microbatches of {microbatch_size}."
+                )
+        else:
+            n = eqx.error_if(
+                n,
+                (n < 0) | (n > num_microbatches),
+                f"`{caller}`: `num_real_microbatches` is outside [0, "
+                f"{num_microbatches}] (the number of microbatches).",
+            )
+            n = jnp.clip(n, 0, num_microbatches).astype(jnp.int32)
+        bound = n
+    if is_padding_example is not None:
+        from_mask = _static_or_traced(
+            count_real_microbatches(is_padding_example, microbatch_size)
+        )
+        if isinstance(bound, int) and isinstance(from_mask, int):
+            bound = min(bound, from_mask)
+        else:
+            bound = jnp.minimum(bound, from_mask).astype(jnp.int32)
+    return bound
+
+
+def _trace_once(fun: Callable, *example: Any) -> tuple[Callable, Any, Any]:
+    """Traces `fun(*example)` once; returns a replayer and the output structure.
+
+    The replayer takes the same arguments and returns only the array outputs
+    (non-array outputs are `None`); `out_static` holds the non-array outputs.
+    """
+    closed_jaxpr, out_struct, out_static = eqx.filter_make_jaxpr(fun)(*example)
+    replay = jex.core.jaxpr_as_fun(closed_jaxpr)
+    out_treedef = jtu.tree_structure(out_struct)
+
+    def call(*inputs: Any) -> Any:
+        flat = jtu.tree_leaves(eqx.filter(inputs, eqx.is_array))
+        return jtu.tree_unflatten(out_treedef, replay(*flat))
+
+    return call, out_struct, out_static
+
+
+def combine_static(accumulators: Any, results: Any, out_static: Any) -> Any:
+    """Puts the non-array outputs back next to each accumulator's result."""
+
+    def combine(accumulator, result, static):
+        if not jtu.tree_leaves(static):
+            return result
+        return eqx.combine(result, static)
+
+    return map_accumulators(combine, accumulators, results, out_static, argument="")
+
+
+def _check_threaded(before: Any, after: Any, after_static: Any, caller: str) -> None:
+    """The value threaded through microbatches must keep its form (a loop carry)."""
+    expected = eqx.filter_eval_shape(lambda: before)
+    returned = eqx.combine(after, after_static)
+
+    def same(a, b):
+        if isinstance(a, jax.ShapeDtypeStruct) or isinstance(b, jax.ShapeDtypeStruct):
+            return (
+                isinstance(a, jax.ShapeDtypeStruct)
+                and isinstance(b, jax.ShapeDtypeStruct)
+                and (a.shape, a.dtype) == (b.shape, b.dtype)
+            )
+        return a is b or a == b
+
+    ok = jtu.tree_structure(expected) == jtu.tree_structure(returned) and all(
+        same(a, b) for a, b in zip(jtu.tree_leaves(expected), jtu.tree_leaves(returned))
+    )
+    if not ok:
+        raise ValueError(
+            f"`{caller}`: the state returned for a microbatch does not have the "
+            "structure, shapes and dtypes of the state passed in; return the updated "
+            "state (e.g. the `eqx.nn.State` a stateful layer returns) unchanged in form."
+        )
+
+
+def call_microbatched(
+    per_microbatch: Callable[[Any, Any, Any], tuple[Any, Any]],
+    inputs: Any,
+    axes: Any,
+    microbatch_size: int | None,
+    accumulators: Any,
+    *,
+    num_real_microbatches: Any = None,
+    is_padding_example: Any = None,
+    threaded: Any = None,
+    unroll: bool = False,
+    param_names: Sequence[str] = (),
+    caller: str,
+    argument: str = "accumulator",
+) -> tuple[Any, Any]:
+    """Runs `per_microbatch` over the microbatches of `inputs` and accumulates.
+
+    **Arguments:**
+
+    - `per_microbatch`: `(inputs, index, threaded) -> (output, threaded)`, called with
+        one microbatch of `inputs`, its int32 index, and the value threaded from the
+        previous microbatch.
+    - `inputs`: a PyTree (usually `(args, kwargs)`).
+    - `axes`: `inputs`-shaped, the batch axis of each leaf or None (see
+        `broadcast_axes`).
+    - `microbatch_size`: examples per microbatch, or None for one microbatch.
+    - `accumulators`: canonical accumulator tree, a prefix of the output.
+    - `num_real_microbatches`, `is_padding_example`: early stopping.
+    - `threaded`: the initial threaded value (None for none).
+    - `unroll`: run the microbatches as straight-line code instead of a loop.
+
+    **Returns:**
+
+    `(accumulated output, final threaded value)`.
+    """
+    if is_padding_example is not None:
+        validate_padding_mask(is_padding_example, None, caller)
+    split, batch_size, microbatch_size = _split_inputs(
+        inputs, axes, microbatch_size, param_names, caller
+    )
+    num_microbatches = split.num_microbatches
+    bound = _loop_bound(
+        num_real_microbatches,
+        is_padding_example,
+        batch_size,
+        microbatch_size,
+        num_microbatches,
+        caller,
+    )
+
+    index_struct = jax.ShapeDtypeStruct((), jnp.int32)
+    call, (out_struct, threaded_struct), (out_static, threaded_static) = _trace_once(
+        per_microbatch, split.example(microbatch_size), index_struct, threaded
+    )
+    threaded_arrays, _ = eqx.partition(threaded, eqx.is_array)
+    if threaded is not None:
+        _check_threaded(threaded, threaded_struct, threaded_static, caller)
+    init = map_accumulators(
+        lambda acc, s: acc.init(s, num_microbatches),
+        accumulators,
+        out_struct,
+        argument=argument,
+    )
+
+    def body(index, carry):
+        acc_carry, threaded_arrays = carry
+        threaded_in = eqx.combine(threaded_arrays, threaded_static)
+        value, threaded_out = call(split.take(index), index, threaded_in)
+        acc_carry = map_accumulators(
+            lambda acc, c, v: acc.update(c, v, index),
+            accumulators,
+            acc_carry,
+            value,
+            argument=argument,
+        )
+        return acc_carry, threaded_out
+
+    carry = (init, threaded_arrays)
+    if isinstance(bound, int) and (unroll or bound <= 1):
+        # Straight-line code: XLA compiles each microbatch at top level.
+        for index in range(bound):
+            carry = body(jnp.int32(index), carry)
+    elif unroll:
+        for index in range(num_microbatches):
+            carry = jax.lax.cond(
+                index < bound, lambda c, i=index: body(jnp.int32(i), c), lambda c: c, carry
+            )
+    else:
+        carry = jax.lax.fori_loop(0, bound, body, carry)
+    acc_carry, threaded_arrays = carry
+    results = map_accumulators(
+        lambda acc, c: acc.finalize(c, num_microbatches, bound),
+        accumulators,
+        acc_carry,
+        argument=argument,
+    )
+    output = combine_static(accumulators, results, out_static)
+    return output, eqx.combine(threaded_arrays, threaded_static)
+
+
+def vmap_and_aggregate(fun: Callable, axes: Any, accumulators: Any) -> Callable[[Any], Any]:
+    """`inputs -> aggregated per-example fun(*args, **kwargs)`, for one microbatch."""
+
+    def run(inputs: Any) -> Any:
+        per_example = eqx.filter_vmap(lambda a, k: fun(*a, **k), in_axes=axes)(*inputs)
+        arrays, static = eqx.partition(per_example, eqx.is_array)
+        aggregated = map_accumulators(
+            lambda acc, v: acc.aggregate(v), accumulators, arrays, argument="accumulator"
+        )
+        return combine_static(accumulators, aggregated, static)
+
+    return run
+
+
+class Accumulators(eqx.Module):
+    """An accumulator tree stored flat, so the wrappers stay hashable for `jax.jit`."""
+
+    leaves: tuple[AbstractAccumulator, ...]
+    treedef: Any = eqx.field(static=True)
+
+    @property
+    def tree(self) -> Any:
+        return jtu.tree_unflatten(self.treedef, self.leaves)
+
+
+def flat_accumulators(accumulator: Any, argument: str = "accumulator") -> Accumulators:
+    tree = canonicalize_accumulators(accumulator, argument)
+    leaves, treedef = jtu.tree_flatten(tree, is_leaf=is_accumulator)
+    return Accumulators(tuple(leaves), treedef)

@@ -2,6 +2,10 @@
 
 import importlib.metadata
 
+from ._accumulate import (
+    accumulate_gradients as accumulate_gradients,
+    AccumulatedGradients as AccumulatedGradients,
+)
 from ._accumulators import (
     AbstractAccumulator as AbstractAccumulator,
     AccumulationType as AccumulationType,
@@ -18,6 +22,7 @@ from ._early_stopping import (
     count_real_microbatches as count_real_microbatches,
     verify_early_stopping_order as verify_early_stopping_order,
 )
+from ._grad import micro_grad as micro_grad, PerExample as PerExample
 from ._microbatch import micro_vmap as micro_vmap, microbatch as microbatch
 
 

@@ -272,13 +272,23 @@ def _trace_once(fun: Callable, *example: Any) -> tuple[Callable, Any, Any]:
     """
     closed_jaxpr, out_struct, out_static = eqx.filter_make_jaxpr(fun)(*example)
     replay = jex.core.jaxpr_as_fun(closed_jaxpr)
-    out_treedef = jtu.tree_structure(out_struct)
+    out_leaves, out_treedef = jtu.tree_flatten(out_struct)
 
     def call(*inputs: Any) -> Any:
         flat = jtu.tree_leaves(eqx.filter(inputs, eqx.is_array))
-        return jtu.tree_unflatten(out_treedef, replay(*flat))
+        # Constant outputs come back from the jaxpr as NumPy scalars: make them arrays.
+        outs = [
+            _strong(jnp.asarray(out, struct.dtype))
+            for out, struct in zip(replay(*flat), out_leaves)
+        ]
+        return jtu.tree_unflatten(out_treedef, outs)
 
     return call, out_struct, out_static
+
+
+def _strong(x: Any) -> Any:
+    """`x` without a weak type, so loop carries keep one type across iterations."""
+    return jax.lax.convert_element_type(x, x.dtype) if eqx.is_array(x) else x
 
 
 def combine_static(accumulators: Any, results: Any, out_static: Any) -> Any:
@@ -372,6 +382,7 @@ def call_microbatched(
         per_microbatch, split.example(microbatch_size), index_struct, threaded
     )
     threaded_arrays, _ = eqx.partition(threaded, eqx.is_array)
+    threaded_arrays = jtu.tree_map(lambda x: _strong(jnp.asarray(x)), threaded_arrays)
     if threaded is not None:
         _check_threaded(threaded, threaded_struct, threaded_static, caller)
     init = map_accumulators(

@@ -1,6 +1,8 @@
 """Multi-device checks, run by `test_sharding.py` in a process with 8 CPU devices.
 
-Run directly: XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.multidevice_checks
+Run directly:
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+        python -m tests.multidevice_checks
 """
 
 import jax

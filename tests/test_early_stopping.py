@@ -37,9 +37,10 @@ def test_count_real_microbatches(microbatch_size, unordered, ordered):
     order = em.compute_early_stopping_order(6, microbatch_size)
     assert em.count_real_microbatches(mask, microbatch_size) == unordered
     assert em.count_real_microbatches(mask[order], microbatch_size) == ordered
-    assert jax.jit(em.count_real_microbatches, static_argnums=1)(
-        mask[order], microbatch_size
-    ) == ordered
+    assert (
+        jax.jit(em.count_real_microbatches, static_argnums=1)(mask[order], microbatch_size)
+        == ordered
+    )
 
 
 def test_count_real_microbatches_extremes():

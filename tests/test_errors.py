@@ -29,7 +29,9 @@ def test_zero_dimensional_array_in_batched_position():
 
 @pytest.mark.parametrize("size", [0, -2])
 def test_non_positive_microbatch_size(size):
-    with pytest.raises(ValueError, match=rf"`microbatch_size={size}`; it must be a positive"):
+    with pytest.raises(
+        ValueError, match=rf"`microbatch_size={size}`; it must be a positive"
+    ):
         em.microbatch(jnp.sum, 0, size)
     with pytest.raises(ValueError, match="must be a positive"):
         em.micro_vmap(jnp.sum, microbatch_size=size)
@@ -73,7 +75,9 @@ def test_accumulator_tree_does_not_match_output():
     f = em.microbatch(
         lambda x: {"a": jnp.sum(x), "b": x}, 0, 2, {"a": em.Sum(), "c": em.Concat()}
     )
-    with pytest.raises(ValueError, match="`accumulator` does not match the function's output"):
+    with pytest.raises(
+        ValueError, match="`accumulator` does not match the function's output"
+    ):
         f(jnp.ones(4))
 
 

@@ -28,9 +28,7 @@ def test_concat_equals_vmap(batch_size, axis, data):
     w = jnp.asarray(rng.normal(size=(3,)), jnp.float32)  # not batched
     fun = lambda x, w: {"norm": jnp.linalg.norm(x), "outer": jnp.outer(x[:, 0], w)}
     expected = jax.vmap(fun, in_axes=(axis, None))(x, w)
-    actual = em.micro_vmap(fun, in_axes=(axis, None), microbatch_size=microbatch_size)(
-        x, w
-    )
+    actual = em.micro_vmap(fun, in_axes=(axis, None), microbatch_size=microbatch_size)(x, w)
     assert_tree_allclose(actual, expected)
 
 
@@ -38,9 +36,7 @@ def test_in_axes_one_matches_vmap_and_optax():
     x = jnp.arange(64.0).reshape(2, 4, 8)
     expected = jax.vmap(jnp.sum, in_axes=1)(x)
     assert_tree_allclose(em.micro_vmap(jnp.sum, in_axes=1, microbatch_size=2)(x), expected)
-    assert_tree_allclose(
-        omb.micro_vmap(jnp.sum, in_axes=1, microbatch_size=2)(x), expected
-    )
+    assert_tree_allclose(omb.micro_vmap(jnp.sum, in_axes=1, microbatch_size=2)(x), expected)
 
 
 def test_keyword_arguments_are_mapped_on_axis_zero():

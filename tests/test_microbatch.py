@@ -127,9 +127,7 @@ def test_in_axes_one_matches_in_axes_zero(accumulator, getkey):
     fun = lambda x: jnp.einsum("bij,bkj->ik", x, x)
     on_zero = em.microbatch(fun, 0, 2, accumulator)(x)
     fun_t = lambda xt: fun(jnp.transpose(xt, (1, 0, 2)))
-    on_one = em.microbatch(fun_t, 0, 2, accumulator, in_axes=1)(
-        jnp.transpose(x, (1, 0, 2))
-    )
+    on_one = em.microbatch(fun_t, 0, 2, accumulator, in_axes=1)(jnp.transpose(x, (1, 0, 2)))
     assert_tree_allclose(on_one, on_zero)
 
 

@@ -1,0 +1,1 @@
+"""Runnable examples of `eqx_micro`: `python -m examples NAME [--quick]`."""

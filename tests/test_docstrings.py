@@ -1,0 +1,141 @@
+"""Every public name has a docstring example, and every docstring example runs."""
+
+import ast
+import inspect
+import pathlib
+import re
+import textwrap
+
+import pytest
+
+import eqx_micro
+
+
+_FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[\w+-]*)[ \t]*$")
+
+
+def _public_names() -> list[str]:
+    """The names `eqx_micro/__init__.py` re-exports (`from ._x import y as y`)."""
+    tree = ast.parse(pathlib.Path(eqx_micro.__file__).read_text())
+    return [
+        alias.name
+        for node in tree.body
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+        if alias.asname == alias.name and alias.name != "__version__"
+    ]
+
+
+def _abstract_accumulator_methods() -> frozenset[str]:
+    return frozenset(eqx_micro.AbstractAccumulator.__abstractmethods__)
+
+
+def _public_methods(cls: type) -> list[tuple[str, object]]:
+    """Public methods and properties defined in `cls` itself (not inherited)."""
+    methods = []
+    for name, attribute in vars(cls).items():
+        if name.startswith("_"):
+            continue
+        if isinstance(attribute, property):
+            methods.append((name, attribute))
+            continue
+        value = getattr(cls, name)
+        if inspect.isfunction(value) or inspect.ismethod(value):
+            methods.append((name, value))
+    return methods
+
+
+def _targets() -> list[tuple[str, object, bool]]:
+    """`(qualified name, object, must have an example)` for every documented object."""
+    exempt = _abstract_accumulator_methods()
+    targets = []
+    for name in _public_names():
+        obj = getattr(eqx_micro, name)
+        targets.append((name, obj, True))
+        if inspect.isclass(obj):
+            is_accumulator = issubclass(obj, eqx_micro.AbstractAccumulator)
+            for method_name, method in _public_methods(obj):
+                required = not (is_accumulator and method_name in exempt)
+                if required or method.__doc__:
+                    targets.append((f"{name}.{method_name}", method, required))
+    return targets
+
+
+def python_blocks(docstring: str) -> list[str]:
+    """The contents of the ```python fenced blocks of a (Markdown) docstring."""
+    blocks = []
+    lines = inspect.cleandoc(docstring).splitlines()
+    index = 0
+    while index < len(lines):
+        opening = _FENCE.match(lines[index])
+        index += 1
+        if opening is None or opening["lang"] != "python":
+            continue
+        body = []
+        while index < len(lines):
+            closing = _FENCE.match(lines[index])
+            if closing is not None and closing["lang"] == "":
+                break
+            body.append(lines[index])
+            index += 1
+        else:
+            raise ValueError(f"Unclosed ```python block in:\n{docstring}")
+        index += 1
+        blocks.append(textwrap.dedent("\n".join(body)))
+    return blocks
+
+
+TARGETS = _targets()
+
+
+def test_public_names_found():
+    names = _public_names()
+    assert "microbatch" in names and "AbstractAccumulator" in names
+    assert set(names) <= set(dir(eqx_micro))
+
+
+@pytest.mark.parametrize(
+    "qualname, obj, required", TARGETS, ids=[target[0] for target in TARGETS]
+)
+def test_docstring_examples_run(qualname, obj, required):
+    docstring = obj.__doc__
+    if required:
+        assert docstring, f"`{qualname}` has no docstring."
+    blocks = python_blocks(docstring or "")
+    if required:
+        assert blocks, f"The docstring of `{qualname}` has no ```python example."
+    for number, block in enumerate(blocks):
+        code = compile(block, f"<docstring of {qualname}, example {number}>", "exec")
+        exec(code, {"__name__": f"docstring_example_{qualname}"})
+
+
+@pytest.mark.parametrize("name", _public_names())
+def test_public_name_in_api_reference(name):
+    api = pathlib.Path(__file__).parent.parent / "docs" / "api"
+    entries = {
+        line.strip().removeprefix(":::").strip()
+        for page in api.glob("*.md")
+        for line in page.read_text().splitlines()
+        if line.startswith(":::")
+    }
+    assert f"eqx_micro.{name}" in entries, (
+        f"`{name}` is public but has no `::: eqx_micro.{name}` entry in docs/api/."
+    )
+
+
+def test_python_blocks_parser():
+    docstring = """Summary.
+
+    !!! example
+
+        ```python
+        x = 1
+
+        assert x == 1
+        ```
+
+    ```bash
+    echo no
+    ```
+    """
+    assert python_blocks(docstring) == ["x = 1\n\nassert x == 1"]

@@ -115,7 +115,7 @@ class _Split(eqx.Module):
 
         return jtu.tree_map(take_leaf, self.axes, self.inputs, is_leaf=_is_none)
 
-    def example(self, microbatch_size: int) -> Any:
+    def example(self) -> Any:
         """Shapes (and shardings) of one microbatch, for tracing."""
         if self.num_microbatches > 0:
             return eqx.filter_eval_shape(lambda: self.take(0))
@@ -164,12 +164,6 @@ def _split_inputs(
         axis = axis % leaf.ndim
         normalized.append(axis)
         sizes[where] = leaf.shape[axis]
-    if not sizes:
-        raise ValueError(
-            f"`{caller}` found no arrays to split in the batched arguments. Mark at "
-            "least one argument holding arrays as batched (`argnums`/`argnames`/"
-            "`in_axes`)."
-        )
     mask_size = sizes.pop(PADDING, None)
     if not sizes:
         raise ValueError(
@@ -379,7 +373,7 @@ def call_microbatched(
 
     index_struct = jax.ShapeDtypeStruct((), jnp.int32)
     call, (out_struct, threaded_struct), (out_static, threaded_static) = _trace_once(
-        per_microbatch, split.example(microbatch_size), index_struct, threaded
+        per_microbatch, split.example(), index_struct, threaded
     )
     threaded_arrays, _ = eqx.partition(threaded, eqx.is_array)
     threaded_arrays = jtu.tree_map(lambda x: _strong(jnp.asarray(x)), threaded_arrays)

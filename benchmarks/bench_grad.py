@@ -314,7 +314,7 @@ def accumulate_section(model_name: str, batch: int, counts, repeats) -> str:
                 )
             )
         params, static = eqx.partition(model, eqx.is_inexact_array)
-        grad = jax.grad(lambda p, x, y: mean_loss(eqx.combine(p, static), x, y))
+        grad = jax.grad(lambda p, x, y, s=static: mean_loss(eqx.combine(p, s), x, y))
         variants.append(
             Variant(
                 "optax microbatch(grad)",
@@ -325,7 +325,7 @@ def accumulate_section(model_name: str, batch: int, counts, repeats) -> str:
         )
         inner = em.microbatch(eqx.filter_grad(mean_loss), (1, 2), mb, em.Mean())
         outer = eqx.filter_grad(
-            lambda m, x, y: em.microbatch(mean_loss, (1, 2), mb, em.Mean())(m, x, y)
+            lambda m, x, y, mb=mb: em.microbatch(mean_loss, (1, 2), mb, em.Mean())(m, x, y)
         )
         variants.append(
             Variant("microbatch(filter_grad(f))", str(mb), *jit_arrays(inner, model, x, y))
@@ -357,7 +357,7 @@ def compile_section(model_name: str, batch: int, counts) -> str:
             best = float("inf")
             for _ in range(2):
                 f, f_args = jit_arrays(  # A new function each time: no cache hit.
-                    lambda m, d, n=n: (
+                    lambda m, d, n=n, unroll=unroll: (
                         em.accumulate_gradients(
                             loss_fn, m, d, num_microbatches=n, unroll=unroll
                         ).grads

@@ -12,7 +12,7 @@ Sections:
   `em.micro_grad(..., transform_fn=clip)` at several microbatch sizes, against a
   hand-written `vmap(grad)` + clip + `tensordot`, `optax.microbatching.micro_grad`
   and `jax_privacy.clipping.clipped_grad` (the `bench` extra) at the same sizes.
-- `accumulate`: `em.accumulate_gradients` (loop, unrolled, default) against the full
+- `accumulate`: `em.accumulate_gradients` (loop, unrolled) against the full
   batch and `optax.microbatching.microbatch`; `microbatch(filter_grad(f))` against
   `filter_grad(microbatch(f))`.
 - `compile`: compile time of the loop and the unrolled accumulation at 2 to 128
@@ -302,7 +302,7 @@ def accumulate_section(model_name: str, batch: int, counts, repeats) -> str:
     variants = [plain]
     for n in counts:
         mb = batch // n
-        for mode, unroll in (("loop", False), ("unrolled", True), ("default", None)):
+        for mode, unroll in (("loop", False), ("unrolled", True)):
             f = functools.partial(
                 em.accumulate_gradients, loss_fn, num_microbatches=n, unroll=unroll
             )

@@ -57,15 +57,32 @@ def microbatch_cases(draw):
 
 
 @settings(max_examples=30, deadline=None)
-@given(microbatch_cases())
-def test_microbatch_equals_plain_and_optax(case):
+@given(
+    microbatch_cases(),
+    how=st.sampled_from(["argnums", "argnames", "mixed"]),
+    batch_axis=st.sampled_from([0, 1]),
+)
+def test_microbatch_equals_plain_and_optax(case, how, batch_axis):
     name, x, w, microbatch_size = case
-    ours, theirs, fun = REDUCTIONS[name]
+    ours, theirs, reduce = REDUCTIONS[name]
+    batch_axis = batch_axis if x.ndim > 1 else 0
+    x = jnp.moveaxis(x, 0, batch_axis)  # The batch travels on `batch_axis` of `x`.
+
+    def fun(x, w):
+        return reduce(jnp.moveaxis(x, batch_axis, 0), w)
+
+    axes = (batch_axis, 0)
+    argnums, argnames, call = {
+        "argnums": ((0, 1), (), lambda f: f(x, w)),
+        "argnames": ((), ("x", "w"), lambda f: f(x=x, w=w)),
+        "mixed": ((0,), ("w",), lambda f: f(x, w=w)),
+    }[how]
     expected = fun(x, w)
-    actual = em.microbatch(fun, (0, 1), microbatch_size, ours)(x, w)
+    kwargs = dict(argnames=argnames, in_axes=axes)
+    actual = call(em.microbatch(fun, argnums, microbatch_size, ours, **kwargs))
     assert_tree_allclose(actual, expected)
     if theirs is not None:
-        reference = omb.microbatch(fun, (0, 1), microbatch_size, theirs)(x, w)
+        reference = call(omb.microbatch(fun, argnums, microbatch_size, theirs, **kwargs))
         assert_tree_allclose(actual, reference)
 
 

@@ -12,6 +12,7 @@
 4. finalize the accumulators and put the non-array outputs back.
 """
 
+import abc
 import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -34,6 +35,43 @@ from ._early_stopping import count_real_microbatches, validate_padding_mask
 
 
 PADDING = "is_padding_example"
+
+
+class AbstractTransformed(eqx.Module):
+    """A function transformed by eqx_micro.
+
+    Subclasses hold the wrapped function in `fun` and implement `__call__`. Here:
+    `inspect.signature` reports `fun`'s signature, and the wrapper binds like a method
+    when used as a decorator inside a class (then `argnums` count `self` as 0).
+    """
+
+    fun: eqx.AbstractVar[Callable]
+
+    @abc.abstractmethod
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Calls the transformed function."""
+
+    @property
+    def __wrapped__(self) -> Callable:
+        return self.fun
+
+    def __get__(self, instance: Any, owner: Any) -> Any:
+        if instance is None:
+            return self
+        return jtu.Partial(self, instance)
+
+
+def padding_mask(fun: Callable, kwargs: dict, caller: str) -> Any:
+    """The `is_padding_example` keyword, checked to reach a `fun` that takes it."""
+    mask = kwargs.get(PADDING)
+    if mask is not None and not accepts_keyword(signature_of(fun), PADDING):
+        raise TypeError(
+            f"`is_padding_example` was passed, but the function given to `{caller}` "
+            "takes no `is_padding_example` keyword, so padded examples would be "
+            "counted. Add that parameter to the function (and make padded examples "
+            "contribute nothing), or pass `num_real_microbatches` instead."
+        )
+    return mask
 
 
 # Naming arguments in error messages.

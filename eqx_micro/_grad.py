@@ -13,6 +13,7 @@ from ._accumulators import AccumulatorTree, Concat, Sum
 from ._batch_axis import check_microbatch_size
 from ._custom_types import StaticInt
 from ._engine import (
+    AbstractTransformed,
     Accumulators,
     broadcast_axes,
     call_microbatched,
@@ -69,7 +70,7 @@ def _zero_if(pad: Any, tree: Any) -> Any:
     )
 
 
-class _MicroGrad(eqx.Module):
+class _MicroGrad(AbstractTransformed):
     fun: Callable
     transform_fn: Callable
     metrics_fn: Callable | None
@@ -186,15 +187,6 @@ class _MicroGrad(eqx.Module):
         ]
         batch_size = sizes[0] if sizes else 0
         return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch_size))
-
-    @property
-    def __wrapped__(self) -> Callable:
-        return self.fun
-
-    def __get__(self, instance: Any, owner: Any) -> Any:
-        if instance is None:
-            return self
-        return jtu.Partial(self, instance)
 
 
 def _as_argnums(x: Any, name: str) -> tuple[int, ...]:

@@ -17,12 +17,14 @@ from ._accumulators import AccumulatorTree, Concat, map_accumulators, Sum
 from ._batch_axis import check_microbatch_size
 from ._custom_types import AxisSpec, StaticInt
 from ._engine import (
+    AbstractTransformed,
     accepts_keyword,
     Accumulators,
     broadcast_axes,
     call_microbatched,
     flat_accumulators,
     PADDING,
+    padding_mask,
     positional_names,
     signature_of,
     vmap_and_aggregate,
@@ -35,7 +37,7 @@ def _as_tuple(x: Any) -> tuple:
     return (x,)
 
 
-class _Microbatched(eqx.Module):
+class _Microbatched(AbstractTransformed):
     fun: Callable
     accumulator: Accumulators
     num_real_microbatches: Any
@@ -78,14 +80,7 @@ class _Microbatched(eqx.Module):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         signature = signature_of(self.fun)
-        is_padding_example = kwargs.get(PADDING)
-        if is_padding_example is not None and not accepts_keyword(signature, PADDING):
-            raise TypeError(
-                "`is_padding_example` was passed, but the microbatched function takes "
-                "no `is_padding_example` keyword, so padded examples would be counted. "
-                "Add that parameter to the function (and make padded examples "
-                "contribute nothing), or pass `num_real_microbatches` instead."
-            )
+        is_padding_example = padding_mask(self.fun, kwargs, "microbatch")
         args_axes, kwargs_axes = self._batched_axes(args, kwargs)
         inputs = (args, kwargs)
         axes = broadcast_axes(
@@ -104,15 +99,6 @@ class _Microbatched(eqx.Module):
             caller="microbatch",
         )
         return out
-
-    @property
-    def __wrapped__(self) -> Callable:  # `inspect.signature` reports `fun`'s.
-        return self.fun
-
-    def __get__(self, instance: Any, owner: Any) -> Any:  # Works as a method decorator.
-        if instance is None:
-            return self
-        return jtu.Partial(self, instance)
 
 
 def microbatch(
@@ -257,7 +243,7 @@ def microbatch(
 # `micro_vmap`
 
 
-class _MicroVmapped(eqx.Module):
+class _MicroVmapped(AbstractTransformed):
     fun: Callable
     accumulator: Accumulators
     num_real_microbatches: Any
@@ -267,14 +253,7 @@ class _MicroVmapped(eqx.Module):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         signature = signature_of(self.fun)
-        is_padding_example = kwargs.get(PADDING)
-        if is_padding_example is not None and not accepts_keyword(signature, PADDING):
-            raise TypeError(
-                "`is_padding_example` was passed, but the function given to "
-                "`micro_vmap` takes no `is_padding_example` keyword, so padded examples "
-                "would be counted. Add that parameter (and make padded examples "
-                "contribute nothing), or pass `num_real_microbatches` instead."
-            )
+        is_padding_example = padding_mask(self.fun, kwargs, "micro_vmap")
         if isinstance(self.in_axes, (tuple, list)):
             if len(self.in_axes) != len(args):
                 raise ValueError(
@@ -321,15 +300,6 @@ class _MicroVmapped(eqx.Module):
             )
 
         return map_accumulators(move, accumulators, out, argument="accumulator")
-
-    @property
-    def __wrapped__(self) -> Callable:  # `inspect.signature` reports `fun`'s.
-        return self.fun
-
-    def __get__(self, instance: Any, owner: Any) -> Any:  # Works as a method decorator.
-        if instance is None:
-            return self
-        return jtu.Partial(self, instance)
 
 
 def micro_vmap(

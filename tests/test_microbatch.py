@@ -58,7 +58,7 @@ def microbatch_cases(draw):
 
 @settings(max_examples=30, deadline=None)
 @given(
-    microbatch_cases(),
+    case=microbatch_cases(),
     how=st.sampled_from(["argnums", "argnames", "mixed"]),
     batch_axis=st.sampled_from([0, 1]),
 )

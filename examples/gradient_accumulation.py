@@ -101,7 +101,7 @@ def train(
 ) -> tuple[float, float]:
     data = make_data(seed, 4 * batch_size)
     model, state = eqx.nn.make_with_state(Classifier)(32, jax.random.key(seed))
-    optimizer = optax.adam(1e-2)
+    optimizer = optax.sgd(0.1, momentum=0.9)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
 
     @eqx.filter_jit

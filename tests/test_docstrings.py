@@ -9,20 +9,31 @@ import textwrap
 import pytest
 
 import eqx_micro
+import eqx_micro.dp
 
 
+PACKAGES = (eqx_micro, eqx_micro.dp)
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[\w+-]*)[ \t]*$")
 
 
-def _public_names() -> list[str]:
-    """The names `eqx_micro/__init__.py` re-exports (`from ._x import y as y`)."""
-    tree = ast.parse(pathlib.Path(eqx_micro.__file__).read_text())
+def _public_names(package=eqx_micro) -> list[str]:
+    """The names a package's `__init__.py` re-exports (`from ._x import y as y`)."""
+    tree = ast.parse(pathlib.Path(package.__file__).read_text())
     return [
         alias.name
         for node in tree.body
         if isinstance(node, ast.ImportFrom)
         for alias in node.names
         if alias.asname == alias.name and alias.name != "__version__"
+    ]
+
+
+def _qualified_public_names() -> list[str]:
+    """`eqx_micro.name` and `eqx_micro.dp.name` for every public name."""
+    return [
+        f"{package.__name__}.{name}"
+        for package in PACKAGES
+        for name in _public_names(package)
     ]
 
 
@@ -49,15 +60,16 @@ def _targets() -> list[tuple[str, object, bool]]:
     """`(qualified name, object, must have an example)` for every documented object."""
     exempt = _abstract_accumulator_methods()
     targets = []
-    for name in _public_names():
-        obj = getattr(eqx_micro, name)
-        targets.append((name, obj, True))
+    for qualified in _qualified_public_names():
+        module_name, name = qualified.rsplit(".", 1)
+        obj = getattr(next(p for p in PACKAGES if p.__name__ == module_name), name)
+        targets.append((qualified, obj, True))
         if inspect.isclass(obj):
             is_accumulator = issubclass(obj, eqx_micro.AbstractAccumulator)
             for method_name, method in _public_methods(obj):
                 required = not (is_accumulator and method_name in exempt)
                 if required or method.__doc__:
-                    targets.append((f"{name}.{method_name}", method, required))
+                    targets.append((f"{qualified}.{method_name}", method, required))
     return targets
 
 
@@ -109,8 +121,8 @@ def test_docstring_examples_run(qualname, obj, required):
         exec(code, {"__name__": f"docstring_example_{qualname}"})
 
 
-@pytest.mark.parametrize("name", _public_names())
-def test_public_name_in_api_reference(name):
+@pytest.mark.parametrize("qualified", _qualified_public_names())
+def test_public_name_in_api_reference(qualified):
     api = pathlib.Path(__file__).parent.parent / "docs" / "api"
     entries = {
         line.strip().removeprefix(":::").strip()
@@ -118,8 +130,8 @@ def test_public_name_in_api_reference(name):
         for line in page.read_text().splitlines()
         if line.startswith(":::")
     }
-    assert f"eqx_micro.{name}" in entries, (
-        f"`{name}` is public but has no `::: eqx_micro.{name}` entry in docs/api/."
+    assert qualified in entries, (
+        f"`{qualified}` is public but has no `::: {qualified}` entry in docs/api/."
     )
 
 

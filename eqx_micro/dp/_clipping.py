@@ -1,0 +1,170 @@
+"""L2 clipping of gradient PyTrees, globally or per layer."""
+
+import math
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jaxtyping import Array, ArrayLike, Float, PyTree
+
+
+# A clip norm: a Python number or a scalar array (traced clip norms are allowed).
+ClipNorm = int | float | Float[ArrayLike, ""]
+
+
+def _check_static_clip_norm(path: str, value: Any) -> None:
+    """Rejects a concrete negative or NaN clip norm (infinity means: do not clip)."""
+    if isinstance(value, jax.core.Tracer):
+        return
+    value = float(value)
+    if math.isnan(value) or value < 0:
+        raise ValueError(
+            f"`l2_clip_norm{path}` is {value}; a clip norm must be a non-negative "
+            "number (or `inf` for no clipping)."
+        )
+
+
+def _global_norm(tree: Any) -> Float[Array, ""]:
+    squares = [
+        jnp.sum(jnp.square(leaf.astype(jnp.float32)))
+        for leaf in jtu.tree_leaves(tree)
+        if eqx.is_array(leaf)
+    ]
+    return jnp.sqrt(sum(squares, jnp.float32(0)))
+
+
+def _scale(norm: Any, clip: Any, rescale_to_unit_norm: bool) -> Any:
+    clip = jnp.asarray(clip, jnp.float32)
+    scale = jnp.minimum(1.0, clip / norm)  # norm 0: clip / 0 = inf, so scale 1.
+    if rescale_to_unit_norm:
+        # Unit sensitivity: divide by the clip norm; with clip 0, normalise instead.
+        scale = jnp.where(clip > 0, scale / clip, 1.0 / norm)
+    # NaN (0/0, inf/inf) and inf scales become 0: the result is then zeros, never NaN
+    # or inf unless the input itself is not finite.
+    return jnp.nan_to_num(scale, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def clip_pytree(
+    tree: PyTree,
+    l2_clip_norm: PyTree[ClipNorm],
+    *,
+    rescale_to_unit_norm: bool = False,
+) -> tuple[PyTree, PyTree[Float[Array, ""]]]:
+    """Clips a PyTree to an L2 norm, globally or per layer.
+
+    With a scalar `l2_clip_norm` the whole tree is scaled by `min(1, c / ||tree||)`, its
+    global L2 norm. With a PyTree prefix of `tree` (e.g. one clip norm per layer), each
+    subtree is clipped to its own norm. Norms and scales are computed in float32 and the
+    result is cast back to each leaf's dtype, so float16 leaves do not overflow.
+
+    Edge cases: a zero tree is returned unchanged (norm 0); clip 0 gives zeros; clip
+    `inf` returns the tree unchanged; with `rescale_to_unit_norm`, the result is further
+    divided by `c` (norm at most 1), clip 0 normalises to unit norm, and clip `inf` gives
+    zeros. A NaN or infinite input gives a non-finite norm and output: callers that must
+    stay finite (e.g. `nan_safe` DP clipping) check the returned norm.
+
+    **Arguments:**
+
+    - `tree`: the PyTree to clip; non-array leaves are returned unchanged.
+    - `l2_clip_norm`: a non-negative number, or a PyTree prefix of `tree` of them.
+    - `rescale_to_unit_norm`: divide the clipped tree by its clip norm.
+
+    **Returns:**
+
+    `(clipped, norm)`: the clipped tree and the float32 L2 norm of the input, shaped like
+    `l2_clip_norm` (one norm per clipped subtree).
+
+    !!! example
+
+        ```python
+        import jax.numpy as jnp
+        import eqx_micro.dp as dp
+
+        clipped, norm = dp.clip_pytree({"w": jnp.array([3.0, 4.0])}, 1.0)
+        assert norm == 5.0 and jnp.allclose(clipped["w"], jnp.array([0.6, 0.8]))
+        layers = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.0, 10.0])}
+        clipped, norms = dp.clip_pytree(layers, {"a": 1.0, "b": 15.0})
+        assert norms == {"a": 5.0, "b": 10.0} and (clipped["b"] == layers["b"]).all()
+        ```
+    """
+    jtu.tree_map_with_path(
+        lambda path, c: _check_static_clip_norm(jtu.keystr(path), c), l2_clip_norm
+    )
+
+    def clip_subtree(clip, subtree):
+        norm = _global_norm(subtree)
+        scale = _scale(norm, clip, rescale_to_unit_norm)
+        clipped = jtu.tree_map(
+            lambda x: (
+                (x.astype(jnp.float32) * scale).astype(x.dtype) if eqx.is_array(x) else x
+            ),
+            subtree,
+        )
+        return clipped, norm
+
+    try:
+        pairs = jtu.tree_map(clip_subtree, l2_clip_norm, tree)
+    except ValueError as error:
+        raise ValueError(
+            "`l2_clip_norm` must be a number or a PyTree prefix of `tree` (e.g. one "
+            f"clip norm per layer); its structure does not match ({error})."
+        ) from None
+    clip_treedef = jtu.tree_structure(l2_clip_norm)
+    flat = clip_treedef.flatten_up_to(pairs)
+    clipped_parts = clip_treedef.unflatten([c for c, _ in flat])
+    norms = clip_treedef.unflatten([n for _, n in flat])
+    return clipped_parts, norms
+
+
+class ClipL2(eqx.Module):
+    """Clips a gradient to an L2 norm: a `transform_fn` for `em.micro_grad`.
+
+    `ClipL2(c)(grads)` is `dp.clip_pytree(grads, c)[0]`. The clip norm is an array
+    field, so changing it between steps does not recompile; a PyTree of them clips per
+    layer (a prefix of the gradient's structure).
+
+    **Arguments:**
+
+    - `l2_clip_norm`: a non-negative number, or a PyTree prefix of the gradient.
+    - `rescale_to_unit_norm`: divide the clipped gradient by the clip norm.
+
+    !!! example
+
+        ```python
+        import jax.numpy as jnp
+        import eqx_micro as em
+        import eqx_micro.dp as dp
+
+        def loss(w, x):
+            return jnp.sum(w * x)
+
+        # Per-example gradients are the examples themselves: norms 5 and 10.
+        x = jnp.array([[3.0, 4.0], [6.0, 8.0]])
+        total, _ = em.micro_grad(loss, transform_fn=dp.ClipL2(1.0))(jnp.zeros(2), x)
+        assert jnp.allclose(total, jnp.array([1.2, 1.6]))
+        ```
+    """
+
+    l2_clip_norm: PyTree[Float[Array, ""]]
+    rescale_to_unit_norm: bool = eqx.field(static=True, default=False)
+
+    def __init__(
+        self,
+        l2_clip_norm: PyTree[ClipNorm],
+        rescale_to_unit_norm: bool = False,
+    ):
+        jtu.tree_map_with_path(
+            lambda path, c: _check_static_clip_norm(jtu.keystr(path), c), l2_clip_norm
+        )
+        self.l2_clip_norm = jtu.tree_map(
+            lambda c: jnp.asarray(c, jnp.float32), l2_clip_norm
+        )
+        self.rescale_to_unit_norm = rescale_to_unit_norm
+
+    def __call__(self, grads: PyTree) -> PyTree:
+        clipped, _ = clip_pytree(
+            grads, self.l2_clip_norm, rescale_to_unit_norm=self.rescale_to_unit_norm
+        )
+        return clipped

@@ -29,11 +29,16 @@ def _public_names(package=eqx_micro) -> list[str]:
 
 
 def _qualified_public_names() -> list[str]:
-    """`eqx_micro.name` and `eqx_micro.dp.name` for every public name."""
+    """`eqx_micro.name` and `eqx_micro.dp.name` for every public name defined here.
+
+    Re-exports of other libraries' objects (`dp.NeighboringRelation` is
+    `dp_accounting.NeighboringRelation`) are documented by those libraries.
+    """
     return [
         f"{package.__name__}.{name}"
         for package in PACKAGES
         for name in _public_names(package)
+        if getattr(getattr(package, name), "__module__", "").startswith("eqx_micro")
     ]
 
 

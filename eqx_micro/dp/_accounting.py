@@ -1,0 +1,256 @@
+"""Privacy accounting with `dp_accounting`: DP-SGD events, epsilon and calibration.
+
+Accounting counts optimizer updates (releases of a noised gradient): microbatching and
+gradient accumulation inside one update never change it.
+"""
+
+import copy
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import dp_accounting
+
+
+NeighboringRelation = dp_accounting.NeighboringRelation
+Accountant = Literal["pld", "rdp"] | dp_accounting.PrivacyAccountant
+# A real number as users (and `dp_accounting`'s bisection) pass it.
+Real = int | float
+
+
+def _check(name: str, value: Real, low: Real, high: Real, closed_low: bool) -> None:
+    ok = (value >= low if closed_low else value > low) and value <= high
+    if not ok or math.isnan(value):
+        interval = f"{'[' if closed_low else '('}{low}, {high}]"
+        raise ValueError(f"`{name}` must be in {interval}, got {value}.")
+
+
+def _check_common(noise_multiplier: Real, iterations: int) -> None:
+    if not noise_multiplier >= 0:
+        raise ValueError(f"`noise_multiplier` must be >= 0, got {noise_multiplier}.")
+    if iterations < 0:
+        raise ValueError(f"`iterations` must be >= 0, got {iterations}.")
+
+
+def dpsgd_event(
+    noise_multiplier: Real, iterations: int, *, sampling_prob: Real
+) -> dp_accounting.DpEvent:
+    """The event of DP-SGD with Poisson sampling: `iterations` Gaussian releases.
+
+    **Arguments:**
+
+    - `noise_multiplier`: noise standard deviation over the clipped sum's sensitivity.
+    - `iterations`: the number of noised updates.
+    - `sampling_prob`: the probability that an example is in a batch, in (0, 1].
+
+    **Returns:**
+
+    `SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(sigma)), T)`.
+
+    !!! example
+
+        ```python
+        import eqx_micro.dp as dp
+
+        event = dp.dpsgd_event(3.0, 512, sampling_prob=0.1)
+        epsilon = dp.compute_epsilon(event, 1e-6)
+        assert abs(epsilon - 3.77) < 0.01
+        ```
+    """
+    _check_common(noise_multiplier, iterations)
+    _check("sampling_prob", sampling_prob, 0.0, 1.0, closed_low=False)
+    return dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(
+            sampling_prob, dp_accounting.GaussianDpEvent(noise_multiplier)
+        ),
+        iterations,
+    )
+
+
+def truncated_dpsgd_event(
+    noise_multiplier: Real,
+    iterations: int,
+    *,
+    sampling_prob: Real,
+    num_examples: int,
+    truncated_batch_size: int,
+) -> dp_accounting.DpEvent:
+    """DP-SGD with Poisson sampling truncated to at most `truncated_batch_size`.
+
+    Needs the (public) number of examples; supported by the PLD accountant.
+
+    !!! example
+
+        ```python
+        import eqx_micro.dp as dp
+
+        event = dp.truncated_dpsgd_event(
+            1.0, 100, sampling_prob=0.01, num_examples=10_000, truncated_batch_size=120
+        )
+        assert dp.compute_epsilon(event, 1e-5) > dp.compute_epsilon(
+            dp.dpsgd_event(1.0, 100, sampling_prob=0.01), 1e-5
+        )
+        ```
+    """
+    _check_common(noise_multiplier, iterations)
+    _check("sampling_prob", sampling_prob, 0.0, 1.0, closed_low=False)
+    if num_examples <= 0 or truncated_batch_size <= 0:
+        raise ValueError(
+            "`num_examples` and `truncated_batch_size` must be positive, got "
+            f"{num_examples} and {truncated_batch_size}."
+        )
+    return dp_accounting.SelfComposedDpEvent(
+        dp_accounting.TruncatedSubsampledGaussianDpEvent(
+            dataset_size=num_examples,
+            sampling_probability=sampling_prob,
+            truncated_batch_size=truncated_batch_size,
+            noise_multiplier=noise_multiplier,
+        ),
+        iterations,
+    )
+
+
+def fixed_batch_dpsgd_event(
+    noise_multiplier: Real, iterations: int, *, num_examples: int, batch_size: int
+) -> dp_accounting.DpEvent:
+    """DP-SGD with fixed-size batches sampled without replacement.
+
+    Accounted with the RDP accountant under `REPLACE_ONE` (the only supported pair).
+
+    !!! example
+
+        ```python
+        import eqx_micro.dp as dp
+
+        event = dp.fixed_batch_dpsgd_event(1.0, 100, num_examples=1000, batch_size=10)
+        replace_one = dp.NeighboringRelation.REPLACE_ONE
+        epsilon = dp.compute_epsilon(
+            event, 1e-5, accountant="rdp", neighboring_relation=replace_one
+        )
+        assert epsilon > 0
+        ```
+    """
+    _check_common(noise_multiplier, iterations)
+    if not 0 < batch_size <= num_examples:
+        raise ValueError(
+            f"`batch_size` must be in [1, num_examples={num_examples}], got {batch_size}."
+        )
+    return dp_accounting.SelfComposedDpEvent(
+        dp_accounting.SampledWithoutReplacementDpEvent(
+            num_examples, batch_size, dp_accounting.GaussianDpEvent(noise_multiplier)
+        ),
+        iterations,
+    )
+
+
+def _accountant(
+    accountant: Accountant, neighboring_relation: NeighboringRelation
+) -> Callable[[], dp_accounting.PrivacyAccountant]:
+    if accountant == "pld":
+        return lambda: dp_accounting.pld.PLDAccountant(neighboring_relation)
+    if accountant == "rdp":
+        return lambda: dp_accounting.rdp.RdpAccountant(
+            neighboring_relation=neighboring_relation
+        )
+    if isinstance(accountant, dp_accounting.PrivacyAccountant):
+        if accountant.ledger != dp_accounting.NoOpDpEvent():
+            raise ValueError(
+                "`accountant` has already composed events; pass a fresh accountant "
+                "(its settings are copied for every computation)."
+            )
+        return lambda: copy.deepcopy(accountant)
+    raise TypeError(
+        "`accountant` must be 'pld', 'rdp' or a `dp_accounting.PrivacyAccountant`, got "
+        f"{accountant!r}."
+    )
+
+
+def compute_epsilon(
+    event: dp_accounting.DpEvent,
+    delta: Real,
+    *,
+    accountant: Accountant = "pld",
+    neighboring_relation: NeighboringRelation = NeighboringRelation.ADD_OR_REMOVE_ONE,
+) -> float:
+    """The epsilon of `event` at `delta`, from `dp_accounting`.
+
+    **Arguments:**
+
+    - `event`: a `dp_accounting.DpEvent`, e.g. from `dpsgd_event`.
+    - `delta`: in (0, 1).
+    - `accountant`: `"pld"` (default; privacy loss distributions, the tightest),
+        `"rdp"`, or a `dp_accounting.PrivacyAccountant` whose type is used afresh.
+    - `neighboring_relation`: `ADD_OR_REMOVE_ONE` (default), `REPLACE_ONE` or
+        `REPLACE_SPECIAL`.
+
+    **Returns:**
+
+    Epsilon, a float.
+
+    !!! example
+
+        ```python
+        import eqx_micro.dp as dp
+
+        event = dp.dpsgd_event(1.1, 14062, sampling_prob=256 / 60000)
+        assert abs(dp.compute_epsilon(event, 1e-5) - 2.382) < 0.01
+        assert abs(dp.compute_epsilon(event, 1e-5, accountant="rdp") - 2.597) < 0.01
+        ```
+    """
+    _check("delta", delta, 0.0, 1.0, closed_low=False)
+    if delta == 1.0:
+        raise ValueError("`delta` must be below 1, got 1.0.")
+    fresh = _accountant(accountant, neighboring_relation)()
+    if not fresh.supports(event):
+        raise ValueError(
+            f"The {type(fresh).__name__} does not support this event under "
+            f"{neighboring_relation.name}; try another accountant or relation."
+        )
+    return float(fresh.compose(event).get_epsilon(delta))
+
+
+def calibrate_noise_multiplier(
+    make_event: Callable[[float], dp_accounting.DpEvent],
+    target_epsilon: Real,
+    target_delta: Real,
+    *,
+    accountant: Accountant = "pld",
+    neighboring_relation: NeighboringRelation = NeighboringRelation.ADD_OR_REMOVE_ONE,
+    tol: Real = 1e-3,
+) -> float:
+    """The smallest noise multiplier whose event meets `(target_epsilon, target_delta)`.
+
+    A bisection by `dp_accounting.calibrate_dp_mechanism`; the result re-accounts to at
+    most `target_epsilon`.
+
+    **Arguments:**
+
+    - `make_event`: noise multiplier -> `DpEvent`, e.g.
+        `lambda s: dp.dpsgd_event(s, T, sampling_prob=q)`.
+    - `target_epsilon`: > 0. `target_delta`: in (0, 1).
+    - `accountant`, `neighboring_relation`: as in `compute_epsilon`.
+    - `tol`: the bisection's tolerance on the noise multiplier.
+
+    !!! example
+
+        ```python
+        import eqx_micro.dp as dp
+
+        make = lambda s: dp.dpsgd_event(s, 512, sampling_prob=0.1)
+        sigma = dp.calibrate_noise_multiplier(make, 1.0, 1e-6)
+        assert abs(sigma - 9.66) < 0.02
+        assert dp.compute_epsilon(make(sigma), 1e-6) <= 1.0
+        ```
+    """
+    if not target_epsilon > 0:
+        raise ValueError(f"`target_epsilon` must be > 0, got {target_epsilon}.")
+    _check("target_delta", target_delta, 0.0, 1.0, closed_low=False)
+    return float(
+        dp_accounting.calibrate_dp_mechanism(
+            _accountant(accountant, neighboring_relation),
+            make_event,
+            target_epsilon,
+            target_delta,
+            tol=tol,
+        )
+    )

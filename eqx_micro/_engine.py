@@ -474,6 +474,34 @@ def vmap_and_aggregate(fun: Callable, axes: Any, accumulators: Any) -> Callable[
     return run
 
 
+def call_vmapped(
+    fun: Callable,
+    inputs: Any,
+    axes: Any,
+    microbatch_size: int | None,
+    accumulators: Any,
+    *,
+    num_real_microbatches: Any,
+    is_padding_example: Any,
+    param_names: Sequence[str],
+    caller: str,
+) -> Any:
+    """`fun` vectorised over each microbatch, aggregated, then accumulated."""
+    per_microbatch = vmap_and_aggregate(fun, axes, accumulators)
+    out, _ = call_microbatched(
+        lambda mb, index, threaded: (per_microbatch(mb), threaded),
+        inputs,
+        axes,
+        microbatch_size,
+        accumulators,
+        num_real_microbatches=num_real_microbatches,
+        is_padding_example=is_padding_example,
+        param_names=param_names,
+        caller=caller,
+    )
+    return out
+
+
 class Accumulators(eqx.Module):
     """An accumulator tree stored flat, so the wrappers stay hashable for `jax.jit`."""
 

@@ -16,12 +16,11 @@ from ._engine import (
     AbstractTransformed,
     Accumulators,
     broadcast_axes,
-    call_microbatched,
+    call_vmapped,
     flat_accumulators,
     PADDING,
     positional_names,
     signature_of,
-    vmap_and_aggregate,
 )
 
 
@@ -153,11 +152,8 @@ class _MicroGrad(AbstractTransformed):
         axes = broadcast_axes((args_axes, kwargs_axes), inputs, "micro_grad", "in_axes")
         accumulators = (self.accumulator.tree, Concat())
         batched_t = tuple(batched)
-        per_microbatch = vmap_and_aggregate(
-            lambda *a, **k: self._per_example(a, k, batched_t), axes, accumulators
-        )
-        (accumulated, per_example), _ = call_microbatched(
-            lambda mb, index, threaded: (per_microbatch(mb), threaded),
+        accumulated, per_example = call_vmapped(
+            lambda *a, **k: self._per_example(a, k, batched_t),
             inputs,
             axes,
             self.microbatch_size,

@@ -22,12 +22,12 @@ from ._engine import (
     Accumulators,
     broadcast_axes,
     call_microbatched,
+    call_vmapped,
     flat_accumulators,
     PADDING,
     padding_mask,
     positional_names,
     signature_of,
-    vmap_and_aggregate,
 )
 
 
@@ -269,9 +269,8 @@ class _MicroVmapped(AbstractTransformed):
             (tuple(args_axes), kwargs_axes), inputs, "micro_vmap", "in_axes"
         )
         accumulators = self.accumulator.tree
-        per_microbatch = vmap_and_aggregate(self.fun, axes, accumulators)
-        out, _ = call_microbatched(
-            lambda mb, index, threaded: (per_microbatch(mb), threaded),
+        out = call_vmapped(
+            self.fun,
             inputs,
             axes,
             self.microbatch_size,

@@ -48,39 +48,31 @@ class AccumulatedGradients(eqx.Module):
     state: PyTree
 
 
-def _takes_keyword(fun: Callable, name: str) -> bool | None:
-    """True/False if `fun` takes keyword `name`; None if its signature is unknown."""
-    signature = signature_of(fun)
-    if signature is None:
-        return None
-    for parameter in signature.parameters.values():
-        if parameter.kind == parameter.VAR_KEYWORD or parameter.name == name:
-            return True
-    return False
-
-
 def _check_keywords(loss_fn: Callable, key: Any, state: Any) -> None:
+    """`key`/`state` are passed iff `loss_fn` takes them (when its signature is known)."""
+    signature = signature_of(loss_fn)
+    if signature is None:
+        return
+    parameters = signature.parameters
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in parameters.values())
     for name, value in (("key", key), ("state", state)):
-        takes = _takes_keyword(loss_fn, name)
-        if value is not None and takes is False:
+        parameter = parameters.get(name)
+        if value is not None and parameter is None and not takes_any:
             raise TypeError(
                 f"`accumulate_gradients` got `{name}=...`, but `loss_fn` takes no "
                 f"`{name}` keyword. Add a `{name}` parameter to `loss_fn`, or do not "
                 f"pass `{name}`."
             )
-        signature = signature_of(loss_fn)
-        if value is None and takes and signature is not None:
-            parameter = signature.parameters.get(name)
-            if parameter is not None and parameter.default is parameter.empty:
-                raise TypeError(
-                    f"`loss_fn` needs a `{name}` argument, but `accumulate_gradients` "
-                    f"got `{name}=None`. Pass `{name}=`"
-                    + (
-                        "jax.random.key(seed)` (a fresh key each step)."
-                        if name == "key"
-                        else "state` (e.g. from `eqx.nn.make_with_state`)."
-                    )
-                )
+        if value is None and parameter is not None and parameter.default is parameter.empty:
+            fix = (
+                "jax.random.key(seed)` (a fresh key each step)."
+                if name == "key"
+                else "state` (e.g. from `eqx.nn.make_with_state`)."
+            )
+            raise TypeError(
+                f"`loss_fn` needs a `{name}` argument, but `accumulate_gradients` "
+                f"got `{name}=None`. Pass `{name}={fix}"
+            )
 
 
 def _unpack(out: Any, has_aux: bool, has_state: bool) -> tuple[Any, Any, Any]:

@@ -1,7 +1,5 @@
-from collections.abc import Callable
 from typing import Any, TypeAlias
 
-import jax
 import numpy as np
 from jaxtyping import Array, ArrayLike, Int
 
@@ -14,7 +12,4 @@ MicrobatchCount: TypeAlias = int | np.integer | Int[Array, ""]
 MicrobatchIndex: TypeAlias = int | Int[ArrayLike, ""]
 # An axis specification for one argument: an int, `None`, or a PyTree prefix of them.
 AxisSpec: TypeAlias = Any
-Shape: TypeAlias = tuple[int, ...]
 DType: TypeAlias = Any
-Struct: TypeAlias = jax.ShapeDtypeStruct
-AnyCallable: TypeAlias = Callable[..., Any]

@@ -388,7 +388,8 @@ def call_microbatched(
     - `accumulators`: canonical accumulator tree, a prefix of the output.
     - `num_real_microbatches`, `is_padding_example`: early stopping.
     - `threaded`: the initial threaded value (None for none).
-    - `unroll`: run the microbatches as straight-line code instead of a loop.
+    - `unroll`: run the microbatches as straight-line code instead of a loop (when
+        their number is static; a run-time bound always loops).
 
     **Returns:**
 
@@ -442,11 +443,6 @@ def call_microbatched(
         # Straight-line code: XLA compiles each microbatch at top level.
         for index in range(bound):
             carry = body(jnp.int32(index), carry)
-    elif unroll:
-        for index in range(num_microbatches):
-            carry = jax.lax.cond(
-                index < bound, lambda c, i=index: body(jnp.int32(i), c), lambda c: c, carry
-            )
     else:
         carry = jax.lax.fori_loop(0, bound, body, carry)
     acc_carry, threaded_arrays = carry

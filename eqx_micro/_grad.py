@@ -144,7 +144,7 @@ class _MicroGrad(AbstractTransformed):
         args = list(args)
         batched = [i in self.batch_argnums for i in range(len(args))]
         if self.key_argnum is not None:
-            args[self.key_argnum] = self._per_example_keys(args)
+            args[self.key_argnum] = self._per_example_keys(args[self.key_argnum], args)
             batched[self.key_argnum] = True
         args_axes = tuple(0 if b else None for b in batched)
         kwargs_axes = {name: (0 if name == PADDING else None) for name in kwargs}
@@ -165,10 +165,8 @@ class _MicroGrad(AbstractTransformed):
         )
         return accumulated, per_example
 
-    def _per_example_keys(self, args: list) -> Any:
+    def _per_example_keys(self, key: Any, args: list) -> Any:
         """One key per example: `fold_in(key, example_index)`, whatever the split."""
-        assert self.key_argnum is not None
-        key = args[self.key_argnum]
         if not eqx.is_array(key):
             raise TypeError(
                 f"`micro_grad` was built with `key_argnum={self.key_argnum}`, but that "

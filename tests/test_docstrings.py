@@ -72,7 +72,9 @@ def _targets() -> list[tuple[str, object, bool]]:
         if inspect.isclass(obj):
             is_accumulator = issubclass(obj, eqx_micro.AbstractAccumulator)
             for method_name, method in _public_methods(obj):
-                required = not (is_accumulator and method_name in exempt)
+                # An abstract method's contract is in its class's docstring.
+                abstract = getattr(method, "__isabstractmethod__", False)
+                required = not (abstract or (is_accumulator and method_name in exempt))
                 if required or method.__doc__:
                     targets.append((f"{qualified}.{method_name}", method, required))
     return targets

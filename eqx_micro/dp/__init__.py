@@ -8,4 +8,30 @@ from ._accounting import (
     NeighboringRelation as NeighboringRelation,
     truncated_dpsgd_event as truncated_dpsgd_event,
 )
+from ._clipped_grad import (
+    AbstractBoundedSensitivityCallable as AbstractBoundedSensitivityCallable,
+    BoundedSensitivityCallable as BoundedSensitivityCallable,
+    clipped_grad as clipped_grad,
+    ClippedGradAux as ClippedGradAux,
+)
 from ._clipping import clip_pytree as clip_pytree, ClipL2 as ClipL2
+from ._noise import (
+    GaussianNoise as GaussianNoise,
+    GaussianNoiseState as GaussianNoiseState,
+)
+from ._plan import (
+    DPExecutionPlan as DPExecutionPlan,
+    DPSGDExecutionPlanConfig as DPSGDExecutionPlanConfig,
+)
+from ._sampling import (
+    AbstractBatchSelectionStrategy as AbstractBatchSelectionStrategy,
+    BallsInBinsSampling as BallsInBinsSampling,
+    CyclicPoissonSampling as CyclicPoissonSampling,
+    FixedBatchSampling as FixedBatchSampling,
+    gather_padded_batch as gather_padded_batch,
+    pad_to_multiple_of as pad_to_multiple_of,
+    PartitionType as PartitionType,
+    PoissonSampling as PoissonSampling,
+    split_and_pad_global_batch as split_and_pad_global_batch,
+    UserSelectionStrategy as UserSelectionStrategy,
+)

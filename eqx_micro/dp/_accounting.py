@@ -158,6 +158,12 @@ def _accountant(
                 "`accountant` has already composed events; pass a fresh accountant "
                 "(its settings are copied for every computation)."
             )
+        if accountant.neighboring_relation != neighboring_relation:
+            raise ValueError(
+                f"`accountant` accounts under {accountant.neighboring_relation.name} but "
+                f"`neighboring_relation` is {neighboring_relation.name}; make them agree "
+                "(the accountant's relation is the one it would use)."
+            )
         return lambda: copy.deepcopy(accountant)
     raise TypeError(
         "`accountant` must be 'pld', 'rdp' or a `dp_accounting.PrivacyAccountant`, got "

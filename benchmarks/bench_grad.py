@@ -17,12 +17,17 @@ Sections:
   `filter_grad(microbatch(f))`.
 - `compile`: compile time of the loop and the unrolled accumulation at 2 to 128
   microbatches.
+- `layout`: the CNN at batch 1024 accumulated over 2 to 128 microbatches in the loop
+  (convolutions replayed channels-last, the default), in the loop with the convolutions
+  as written (how the engine ran before; XLA:CPU keeps them NCHW inside a loop), and
+  unrolled: time, XLA temp memory and compile time.
 
 Run `python benchmarks/bench_grad.py` (about 15 minutes) or `--quick` (a smoke test);
 `--section clip` runs one section. Results go to `benchmarks/results/grad.md`.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import pathlib
@@ -33,11 +38,13 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 import optax.microbatching as omb
 
 import eqx_micro as em
+from eqx_micro import _engine
 
 
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -129,11 +136,24 @@ class Variant:
     compile_s: float = float("nan")
     error: float = float("nan")
     note: str = ""
+    context: Callable = contextlib.nullcontext  # active while tracing
+
+
+@contextlib.contextmanager
+def convs_as_written():
+    """Traces without the engine's channels-last convolutions (for comparison only)."""
+    original = _engine.replay_channels_last
+    _engine.replay_channels_last = jex.core.jaxpr_as_fun
+    try:
+        yield
+    finally:
+        _engine.replay_channels_last = original
 
 
 def prepare(variant: Variant) -> Any:
     start = time.perf_counter()
-    variant.compiled = variant.fun.lower(*variant.args).compile()
+    with variant.context():
+        variant.compiled = variant.fun.lower(*variant.args).compile()
     variant.compile_s = time.perf_counter() - start
     analysis = variant.compiled.memory_analysis()
     if analysis is not None:
@@ -375,12 +395,49 @@ def compile_section(model_name: str, batch: int, counts) -> str:
     return text
 
 
+def layout_section(batch: int, counts, repeats) -> str:
+    model = make_model("cnn", jax.random.key(0))
+    x, y = make_batch("cnn", batch, jax.random.key(1))
+    data = {"x": x, "y": y}
+
+    def loss_fn(model, data):
+        return mean_loss(model, data["x"], data["y"])
+
+    plain = Variant(
+        "plain value_and_grad",
+        "-",
+        *jit_arrays(lambda m, d: eqx.filter_value_and_grad(loss_fn)(m, d)[1], model, data),
+    )
+    variants = [plain]
+    modes = (
+        ("loop", False, contextlib.nullcontext),
+        ("loop, convs as written", False, convs_as_written),
+        ("unrolled", True, contextlib.nullcontext),
+    )
+    for n in counts:
+        for mode, unroll, context in modes:
+            f = functools.partial(
+                em.accumulate_gradients, loss_fn, num_microbatches=n, unroll=unroll
+            )
+            variant = Variant(
+                f"accumulate ({mode})",
+                f"{batch // n} (#{n})",
+                *jit_arrays(lambda m, d, f=f: f(m, d).grads, model, data),
+                context=context,
+            )
+            variants.append(variant)
+    title = f"CNN B={batch}: accumulation by number of microbatches"
+    return run_table(title, variants, plain, 0, repeats)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke test")
-    parser.add_argument("--section", choices=["clip", "accumulate", "compile"])
+    parser.add_argument("--section", choices=["clip", "accumulate", "compile", "layout"])
     args = parser.parse_args(argv)
-    sections = [args.section] if args.section else ["clip", "accumulate", "compile"]
+    sections = (
+        [args.section] if args.section else ["clip", "accumulate", "compile", "layout"]
+    )
     batches = (64,) if args.quick else (256, 1024)
     repeats = 2 if args.quick else 20
     header = (
@@ -403,6 +460,9 @@ def main(argv: list[str] | None = None) -> None:
         if "compile" in sections:
             counts = (2, 4) if args.quick else (2, 8, 32, 128)
             parts.append(compile_section(name, 64 if args.quick else 1024, counts))
+    if "layout" in sections:
+        counts = (2, 4) if args.quick else (2, 4, 8, 16, 32, 128)
+        parts.append(layout_section(64 if args.quick else 1024, counts, repeats))
     RESULTS.mkdir(exist_ok=True)
     suffix = "-quick" if args.quick else ""
     section = f"-{args.section}" if args.section else ""

@@ -5,7 +5,8 @@
 1. check the batched leaves of the inputs and split each batch axis column-major into
    `(microbatch_size, num_microbatches)` (see `_batch_axis.py`);
 2. trace the per-microbatch function once (`eqx.filter_make_jaxpr`), so the loop body
-   replays that jaxpr and non-array outputs never enter the loop carry;
+   replays that jaxpr and non-array outputs never enter the loop carry; on CPU the
+   replay computes convolutions channels-last (see `_channels_last.py`);
 3. run the microbatches in one `lax.fori_loop` (bounded by early stopping, if any), or
    unrolled, folding each result into the accumulators' carry and threading an optional
    carried value (e.g. `eqx.nn.State`) from one microbatch to the next;
@@ -19,7 +20,6 @@ from typing import Any
 
 import equinox as eqx
 import jax
-import jax.extend as jex
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
@@ -30,6 +30,7 @@ from ._accumulators import (
     map_accumulators,
 )
 from ._batch_axis import num_microbatches_for, split_batch_axis
+from ._channels_last import replay_channels_last
 from ._custom_types import StaticInt
 from ._early_stopping import count_real_microbatches, validate_padding_mask
 
@@ -303,7 +304,7 @@ def _trace_once(fun: Callable, *example: Any) -> tuple[Callable, Any, Any]:
     (non-array outputs are `None`); `out_static` holds the non-array outputs.
     """
     closed_jaxpr, out_struct, out_static = eqx.filter_make_jaxpr(fun)(*example)
-    replay = jex.core.jaxpr_as_fun(closed_jaxpr)
+    replay = replay_channels_last(closed_jaxpr)
     out_leaves, out_treedef = jtu.tree_flatten(out_struct)
 
     def call(*inputs: Any) -> Any:

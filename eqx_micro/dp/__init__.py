@@ -8,6 +8,13 @@ from ._accounting import (
     NeighboringRelation as NeighboringRelation,
     truncated_dpsgd_event as truncated_dpsgd_event,
 )
+from ._bandmf_strategy import (
+    banded_toeplitz_loss as banded_toeplitz_loss,
+    optimize_banded_toeplitz as optimize_banded_toeplitz,
+    per_query_error as per_query_error,
+    sqrt_toeplitz_coefs as sqrt_toeplitz_coefs,
+    strategy_rmse as strategy_rmse,
+)
 from ._clipped_grad import (
     AbstractBoundedSensitivityCallable as AbstractBoundedSensitivityCallable,
     BoundedSensitivityCallable as BoundedSensitivityCallable,

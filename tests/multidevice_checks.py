@@ -5,12 +5,14 @@ Run directly:
         python -m tests.multidevice_checks
 """
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import eqx_micro as em
+import eqx_micro.dp as dp
 
 
 def per_example(x):
@@ -67,8 +69,40 @@ def check_explicit_sharding() -> None:
             raise AssertionError("microbatch_size=4 over 8 shards did not raise")
 
 
+def check_sharded_dp_step() -> None:
+    """Clipped grads of a sharded batch and BandMF noise on sharded parameters."""
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    rng = np.random.default_rng(2)
+    x_host = rng.normal(size=(64, 16)).astype(np.float32)
+    w_host = rng.normal(size=(16, 8)).astype(np.float32)
+
+    def example_loss(w, x):
+        return jnp.sum(jnp.tanh(x @ w) ** 2)
+
+    grad_fn = dp.clipped_grad(example_loss, 1.0, microbatch_size=16)
+    x = jax.device_put(x_host, NamedSharding(mesh, P("data")))
+    w = jax.device_put(w_host, NamedSharding(mesh, P("data", None)))
+    total, _ = eqx.filter_jit(grad_fn)(w, x)
+    expected, _ = grad_fn(jnp.asarray(w_host), jnp.asarray(x_host))
+    np.testing.assert_allclose(total, expected, rtol=2e-5, atol=1e-6)
+
+    noise = dp.BandMFNoise([0.7, 0.5, 0.5], stddev=1.0, key=5)
+    state = noise.init({"w": w})
+    assert state.history["w"].sharding.spec[1] == "data", state.history["w"].sharding
+    step = eqx.filter_jit(noise.update)
+    local_state = noise.init({"w": jnp.asarray(w_host)})
+    for _ in range(4):
+        noised, state = step({"w": w}, state)
+        local, local_state = noise.update({"w": jnp.asarray(w_host)}, local_state)
+        # The same noise whatever the sharding, and the output stays sharded.
+        np.testing.assert_allclose(noised["w"], local["w"], rtol=1e-6, atol=1e-6)
+        assert noised["w"].sharding.is_equivalent_to(w.sharding, 2), noised["w"].sharding
+        assert state.history["w"].sharding.spec[1] == "data", state.history["w"].sharding
+
+
 if __name__ == "__main__":
     assert jax.device_count() == 8, jax.devices()
     check_auto_sharding()
     check_explicit_sharding()
+    check_sharded_dp_step()
     print("multidevice checks passed")

@@ -1,11 +1,13 @@
 """Differential privacy on top of eqx_micro's microbatching: `import eqx_micro.dp as dp`."""
 
 from ._accounting import (
+    amplified_bandmf_event as amplified_bandmf_event,
     calibrate_noise_multiplier as calibrate_noise_multiplier,
     compute_epsilon as compute_epsilon,
     dpsgd_event as dpsgd_event,
     fixed_batch_dpsgd_event as fixed_batch_dpsgd_event,
     NeighboringRelation as NeighboringRelation,
+    truncated_amplified_bandmf_event as truncated_amplified_bandmf_event,
     truncated_dpsgd_event as truncated_dpsgd_event,
 )
 from ._bandmf_strategy import (
@@ -23,10 +25,14 @@ from ._clipped_grad import (
 )
 from ._clipping import clip_pytree as clip_pytree, ClipL2 as ClipL2
 from ._noise import (
+    AbstractNoiseTransform as AbstractNoiseTransform,
+    BandMFNoise as BandMFNoise,
+    BandMFNoiseState as BandMFNoiseState,
     GaussianNoise as GaussianNoise,
     GaussianNoiseState as GaussianNoiseState,
 )
 from ._plan import (
+    BandMFExecutionPlanConfig as BandMFExecutionPlanConfig,
     DPExecutionPlan as DPExecutionPlan,
     DPSGDExecutionPlanConfig as DPSGDExecutionPlanConfig,
 )

@@ -143,6 +143,87 @@ def fixed_batch_dpsgd_event(
     )
 
 
+def amplified_bandmf_event(
+    noise_multiplier: Real, iterations: int, *, num_bands: int, sampling_prob: Real
+) -> dp_accounting.DpEvent:
+    """BandMF with cyclic Poisson sampling over `num_bands` groups (amplified BandMF).
+
+    Each example belongs to one of `num_bands` groups and can only join every
+    `num_bands`-th step, where it joins with probability `sampling_prob`. Its
+    participations then touch disjoint bands of the strategy, and the run is accounted
+    as DP-SGD over `ceil(iterations / num_bands)` rounds at `sampling_prob`, with the
+    noise multiplier taken relative to the sensitivity times the strategy's column norm
+    (Choquette-Choo et al. 2023, Theorem 4).
+
+    **Arguments:**
+
+    - `noise_multiplier`: noise over (sensitivity x max column norm of the strategy).
+    - `iterations`: the number of noised updates.
+    - `num_bands`: the number of bands, which is also the cycle length of the sampling.
+    - `sampling_prob`: the per-step probability for an example of the active group.
+
+    !!! example
+
+        ```python
+        import eqx_micro.dp as dp
+
+        event = dp.amplified_bandmf_event(1.0, 1000, num_bands=4, sampling_prob=0.1)
+        assert event == dp.dpsgd_event(1.0, 250, sampling_prob=0.1)
+        assert dp.amplified_bandmf_event(
+            1.0, 1001, num_bands=4, sampling_prob=0.1
+        ) == dp.dpsgd_event(1.0, 251, sampling_prob=0.1)
+        ```
+    """
+    _check_bands(num_bands, iterations)
+    rounds = math.ceil(iterations / num_bands)
+    return dpsgd_event(noise_multiplier, rounds, sampling_prob=sampling_prob)
+
+
+def truncated_amplified_bandmf_event(
+    noise_multiplier: Real,
+    iterations: int,
+    *,
+    num_bands: int,
+    sampling_prob: Real,
+    largest_group_size: int,
+    truncated_batch_size: int,
+) -> dp_accounting.DpEvent:
+    """Amplified BandMF with each step's batch truncated to `truncated_batch_size`.
+
+    Accounted as `truncated_dpsgd_event` over `ceil(iterations / num_bands)` rounds,
+    with the dataset size replaced by the largest group's size.
+
+    !!! example
+
+        ```python
+        import eqx_micro.dp as dp
+
+        event = dp.truncated_amplified_bandmf_event(
+            1.0, 100, num_bands=4, sampling_prob=0.1, largest_group_size=250,
+            truncated_batch_size=40,
+        )
+        assert event == dp.truncated_dpsgd_event(
+            1.0, 25, sampling_prob=0.1, num_examples=250, truncated_batch_size=40
+        )
+        ```
+    """
+    _check_bands(num_bands, iterations)
+    return truncated_dpsgd_event(
+        noise_multiplier,
+        math.ceil(iterations / num_bands),
+        sampling_prob=sampling_prob,
+        num_examples=largest_group_size,
+        truncated_batch_size=truncated_batch_size,
+    )
+
+
+def _check_bands(num_bands: int, iterations: int) -> None:
+    if num_bands < 1 or num_bands > max(iterations, 1):
+        raise ValueError(
+            f"`num_bands` must be in [1, iterations={iterations}], got {num_bands}."
+        )
+
+
 def _accountant(
     accountant: Accountant, neighboring_relation: NeighboringRelation
 ) -> Callable[[], dp_accounting.PrivacyAccountant]:

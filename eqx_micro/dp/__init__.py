@@ -48,3 +48,8 @@ from ._sampling import (
     split_and_pad_global_batch as split_and_pad_global_batch,
     UserSelectionStrategy as UserSelectionStrategy,
 )
+from ._trainer import (
+    DPTrainer as DPTrainer,
+    PrivacyReport as PrivacyReport,
+    TrainState as TrainState,
+)

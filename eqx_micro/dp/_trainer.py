@@ -1,0 +1,795 @@
+"""`DPTrainer`: a training loop around a DP execution plan, with its privacy report.
+
+The plan fixes everything the guarantee depends on (sampling, clipping, noise, the
+number of updates). The trainer adds what it does not: the optimizer, padding batches to
+a few fixed shapes, progress, checkpoints, and the epsilon of the steps actually taken.
+"""
+
+import dataclasses
+import itertools
+import math
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import dp_accounting
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+import optax
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree
+
+from .._grad import micro_grad
+from ._accounting import compute_epsilon, NeighboringRelation, Real
+from ._clipped_grad import AbstractBoundedSensitivityCallable, ClippedGradAux
+from ._noise import AbstractNoiseTransform
+from ._plan import DPExecutionPlan
+from ._sampling import (
+    BallsInBinsSampling,
+    CyclicPoissonSampling,
+    FixedBatchSampling,
+    gather_padded_batch,
+    pad_to_multiple_of,
+    PoissonSampling,
+    RngLike,
+)
+
+
+class TrainState(eqx.Module):
+    """Everything a training run carries from one step to the next.
+
+    A checkpoint is this state, saved with `eqx.tree_serialise_leaves(path, state)` and
+    read back with `eqx.tree_deserialise_leaves(path, trainer.init(model))`. Pass it to
+    `DPTrainer.fit` with the batch-selection `rng` in its initial state (e.g. the same
+    seed) to resume: the first `step` batches are drawn again and skipped, so the resumed
+    run ends exactly where an uninterrupted one would.
+
+    **Fields:**
+
+    - `model`: the model being trained.
+    - `opt_state`: the optimizer's state.
+    - `noise_state`: the state of the plan's noise (its PRNG key and release count).
+    - `step`: the number of updates made so far, an int32 scalar.
+
+    !!! example
+
+        ```python
+        import equinox as eqx
+        import jax
+        import jax.numpy as jnp
+        import optax
+        import eqx_micro.dp as dp
+
+        loss = lambda model, batch, key: jnp.sum(model(batch["x"][0]) ** 2)
+        trainer = dp.DPTrainer.non_private(
+            loss, optax.sgd(0.1), batch_size=4, iterations=10
+        )
+        model = eqx.nn.Linear(2, 1, key=jax.random.key(0))
+        state = trainer.init(model)
+        assert isinstance(state, dp.TrainState) and state.step == 0
+        ```
+    """
+
+    model: PyTree
+    opt_state: PyTree
+    noise_state: PyTree
+    step: Int[Array, ""]
+
+
+class PrivacyReport(eqx.Module):
+    """The privacy spent by a training run: epsilon at `delta` for the steps taken.
+
+    **Fields:**
+
+    - `epsilon`: the epsilon of the steps taken, with the plan's accountant and
+        neighbouring relation (`inf` for a non-private run, 0 before any step).
+    - `delta`: the delta it is computed at.
+    - `steps`: the number of noisy updates made.
+    - `iterations`: the number the plan allows (and its event accounts for).
+    - `dp_event`: the `dp_accounting` event of the steps taken.
+
+    !!! example
+
+        ```python
+        import eqx_micro.dp as dp
+
+        event = dp.dpsgd_event(1.0, 10, sampling_prob=0.1)
+        report = dp.PrivacyReport(
+            epsilon=1.0, delta=1e-5, steps=10, iterations=20, dp_event=event
+        )
+        assert report.steps < report.iterations
+        ```
+    """
+
+    epsilon: float
+    delta: float
+    steps: int
+    iterations: int
+    dp_event: dp_accounting.DpEvent = eqx.field(static=True)
+
+
+# --------------------------------------------------------------------------------------
+# The non-private baseline: the same plan type, with no clipping and no noise.
+
+
+class _UnclippedGrad(AbstractBoundedSensitivityCallable):
+    """The plain sum of per-example gradients: no clipping, so no sensitivity bound."""
+
+    grad_fn: Callable
+
+    def __call__(
+        self, *args: Any, is_padding_example: ArrayLike | None = None, **kwargs: Any
+    ) -> tuple[PyTree, ClippedGradAux]:
+        if is_padding_example is not None:
+            kwargs["is_padding_example"] = is_padding_example
+        total, per_example = self.grad_fn(*args, **kwargs)
+        aux = ClippedGradAux(
+            values=per_example.values,
+            grad_norms=None,
+            aux=per_example.aux,
+            num_nonfinite=jnp.zeros((), jnp.int32),
+        )
+        return total, aux
+
+    @property
+    def l2_norm_bound(self) -> float:
+        return math.inf
+
+    @property
+    def privacy_unit(self) -> str:
+        return "example"
+
+
+class _NoNoiseState(eqx.Module):
+    count: Int[Array, ""]
+
+
+class _NoNoise(AbstractNoiseTransform):
+    """Adds nothing; counts the updates like the real noise transforms."""
+
+    stddev: Float[Array, ""]
+
+    def __init__(self):
+        self.stddev = jnp.zeros((), jnp.float32)
+
+    def init(self, params: PyTree) -> _NoNoiseState:
+        del params
+        return _NoNoiseState(count=jnp.zeros((), jnp.int32))
+
+    def update(
+        self, updates: PyTree, state: _NoNoiseState, params: Any = None
+    ) -> tuple[PyTree, _NoNoiseState]:
+        del params
+        return updates, _NoNoiseState(count=state.count + 1)
+
+
+# --------------------------------------------------------------------------------------
+# Helpers of `fit`.
+
+
+def _check_no_batch_norm(model: PyTree) -> None:
+    def is_batch_norm(x: Any) -> bool:
+        return isinstance(x, eqx.nn.BatchNorm)
+
+    for path, leaf in jtu.tree_flatten_with_path(model, is_leaf=is_batch_norm)[0]:
+        if is_batch_norm(leaf):
+            raise ValueError(
+                f"`DPTrainer.init` found an `eqx.nn.BatchNorm` layer at "
+                f"`model{jtu.keystr(path)}`. Batch normalisation mixes the examples of a "
+                "batch, so a per-example gradient is not one example's, clipping no "
+                "longer bounds the sensitivity, and its running statistics "
+                "(`eqx.nn.State`) would be released without noise. Use "
+                "`eqx.nn.GroupNorm` or `eqx.nn.LayerNorm`, which normalise each "
+                "example on its own."
+            )
+
+
+def _num_examples(data: PyTree) -> int:
+    leaves = [leaf for leaf in jtu.tree_leaves(data) if eqx.is_array(leaf)]
+    if not leaves or any(np.ndim(leaf) == 0 for leaf in leaves):
+        raise ValueError(
+            "`DPTrainer.fit` needs `data` to be a PyTree of arrays with the examples "
+            "along axis 0 (e.g. `{'x': images, 'y': labels}`); it has "
+            + ("no array leaves." if not leaves else "a 0-d array leaf.")
+        )
+    return int(np.shape(leaves[0])[0])
+
+
+def _microbatch_size(fn: Any) -> int | None:
+    """The microbatch size a `clipped_grad` callable splits batches with, if known."""
+    return getattr(getattr(fn, "grad_fn", None), "microbatch_size", None)
+
+
+def _default_multiple(strategy: Any, num_examples: int, microbatch_size: int) -> int:
+    """About two standard deviations of the batch size: a handful of padded shapes."""
+    if isinstance(strategy, FixedBatchSampling):
+        return -(-max(strategy.batch_size, 1) // microbatch_size) * microbatch_size
+    if isinstance(strategy, PoissonSampling | CyclicPoissonSampling):
+        cycle = getattr(strategy, "cycle_length", 1)
+        expected = strategy.sampling_prob * (num_examples // cycle)
+    elif isinstance(strategy, BallsInBinsSampling):
+        expected = num_examples / strategy.cycle_length
+    else:
+        raise TypeError(
+            f"`DPTrainer.fit` cannot choose a padding size for a "
+            f"{type(strategy).__name__}; pass `padding_multiple` (a multiple of the "
+            "microbatch size; every batch is padded to a multiple of it)."
+        )
+    spread = max(2.0 * math.sqrt(max(expected, 1.0)), 1.0)
+    return math.ceil(spread / microbatch_size) * microbatch_size
+
+
+def _pad(indices: np.ndarray, multiple: int, microbatch_size: int | None) -> np.ndarray:
+    if indices.ndim != 1:
+        raise ValueError(
+            "`DPTrainer.fit` trains on batches of examples (1-D index arrays), but the "
+            f"plan's batch selection gave indices of shape {indices.shape}; user-level "
+            "batches need their own loop (see `dp.split_and_pad_global_batch`)."
+        )
+    if indices.size == 0:  # The step (and its noise) still runs, on padding only.
+        return np.full(multiple, -1, indices.dtype)
+    return pad_to_multiple_of(indices, multiple, microbatch_size)
+
+
+def _event_for_steps(plan: DPExecutionPlan, steps: int) -> dp_accounting.DpEvent:
+    """The plan's event cut to `steps` updates, or the whole event (an upper bound)."""
+    event = plan.dp_event
+    if steps >= plan.iterations:
+        return event
+    if steps == 0:
+        return dp_accounting.NoOpDpEvent()
+    if not isinstance(event, dp_accounting.SelfComposedDpEvent):
+        return event
+    # DP-SGD composes one round per step; amplified BandMF one per cycle of
+    # `cycle_length` steps (an example joins at most once per cycle). The count of a
+    # partial run is then the rounds started so far.
+    cycle = getattr(plan.batch_selection_strategy, "cycle_length", 1)
+    if event.count != math.ceil(plan.iterations / cycle):
+        return event
+    return dp_accounting.SelfComposedDpEvent(event.event, math.ceil(steps / cycle))
+
+
+class _Progress:
+    """A tqdm bar if tqdm is installed, else a printed line every tenth of the run.
+
+    Epsilon is computed in a background thread (an accountant call takes a second or
+    more), at most once per tenth of the run, so it never holds up training.
+    """
+
+    def __init__(
+        self, enabled: bool, total: int, initial: int, epsilon_fn: Callable[[int], float]
+    ):
+        self.enabled = enabled
+        self.total = total
+        self.epsilon_fn = epsilon_fn
+        self.every = max(1, total // 100)
+        self.tenth = max(1, total // 10)
+        self.epsilon: tuple[int, float] | None = None
+        self.thread: threading.Thread | None = None
+        self.bar = None
+        self.text: dict[str, str] = {}
+        if not enabled:
+            return
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            print(f"Training: step {initial}/{total}")
+        else:
+            self.bar = tqdm(total=total, initial=initial, desc="training")
+        self._request(initial)
+
+    def _request(self, steps: int) -> None:
+        if self.thread is not None and self.thread.is_alive():
+            return
+
+        def work() -> None:
+            self.epsilon = (steps, self.epsilon_fn(steps))
+
+        self.thread = threading.Thread(target=work, daemon=True)
+        self.thread.start()
+
+    def update(self, steps: int, metrics: dict[str, Array]) -> None:
+        if not self.enabled:
+            return
+        if steps % self.tenth == 0:
+            self._request(steps)
+        if steps % self.every and steps != self.total:
+            if self.bar is not None:
+                self.bar.update(1)
+            return
+        loss = float(metrics["loss"])
+        text = {"loss": "n/a" if math.isnan(loss) else f"{loss:.4f}"}
+        if self.epsilon is not None:
+            text["eps"] = f"{self.epsilon[1]:.3g} (step {self.epsilon[0]})"
+        self.text = text
+        if self.bar is not None:
+            self.bar.set_postfix(text, refresh=False)
+            self.bar.update(1)
+        elif steps % self.tenth == 0 or steps == self.total:
+            details = "  ".join(f"{k} {v}" for k, v in text.items())
+            print(f"Training: step {steps}/{self.total}  {details}")
+
+    def close(self, report: "PrivacyReport") -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix({**self.text, "eps": f"{report.epsilon:.3g}"})
+            self.bar.close()
+        print(
+            f"Trained {report.steps} of {report.iterations} steps: "
+            f"epsilon {report.epsilon:.4g} at delta {report.delta:g}."
+        )
+
+
+# --------------------------------------------------------------------------------------
+
+
+class DPTrainer(eqx.Module):
+    """A differentially private training loop for an Equinox model.
+
+    Built from a `dp.DPExecutionPlan` (DP-SGD or BandMF: the same type) and an optax
+    optimizer. The plan's clipped callable is the loss: build it as
+    `dp.clipped_grad(loss_fn, clip_norm, key_argnum=2, ...)` from a per-example
+    `loss_fn(model, batch, key) -> loss` (or `(loss, aux)` with `has_aux=True`); add
+    `return_values=True` to see the training loss in the metrics and the progress bar.
+
+    Each step (`step`) draws the clipped gradient sum of the batch with its noise from
+    `plan.noisy_grad`, divides it by `normalize_by` (after the noise: post-processing,
+    which keeps the guarantee) and applies the optimizer. `fit` runs the whole plan:
+    batches from the plan's batch selection, padded to a few fixed sizes so the step
+    compiles only a handful of times, a progress bar, checkpoints through a callback,
+    and a `dp.PrivacyReport` of the steps actually taken.
+
+    Models with `eqx.nn.BatchNorm` are refused (use `eqx.nn.GroupNorm` or
+    `eqx.nn.LayerNorm`): normalising over the batch breaks per-example clipping.
+    `DPTrainer.non_private` gives the same loop without clipping and noise, for
+    baselines.
+
+    **Arguments:**
+
+    - `plan`: the execution plan, e.g. `dp.DPSGDExecutionPlanConfig(...).make(grad_fn)`.
+    - `optimizer`: an `optax.GradientTransformation`.
+    - `normalize_by`: the noisy sum is divided by this after the noise: the expected
+        batch size if `grad_fn` was built with `normalize_by=1` (the default), or 1 if
+        it was already normalised.
+
+    !!! example
+
+        ```python
+        import equinox as eqx
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+        import optax
+        import eqx_micro.dp as dp
+
+        def loss(model, batch, key):  # one example, with a batch axis of size 1
+            return jnp.mean((jax.vmap(model)(batch["x"]) - batch["y"]) ** 2)
+
+        x = np.random.default_rng(0).normal(size=(200, 3)).astype(np.float32)
+        data = {"x": x, "y": x.sum(axis=1, keepdims=True)}
+        grad_fn = dp.clipped_grad(loss, 1.0, microbatch_size=8, key_argnum=2,
+                                  return_values=True)
+        plan = dp.DPSGDExecutionPlanConfig(
+            iterations=30, sampling_prob=0.1, noise_multiplier=1.0, accountant="rdp"
+        ).make(grad_fn)
+        trainer = dp.DPTrainer(plan, optax.sgd(0.1, momentum=0.9), normalize_by=20)
+        model = eqx.nn.Linear(3, 1, key=jax.random.key(0))
+        model, report = trainer.fit(
+            data, model, rng=np.random.default_rng(1), key=jax.random.key(2),
+            delta=1e-5, padding_multiple=64, progress=False,  # one padded size
+        )
+        assert report.steps == 30 and 0 < report.epsilon < 10
+        ```
+    """
+
+    plan: DPExecutionPlan
+    optimizer: optax.GradientTransformation
+    normalize_by: Float[Array, ""]
+
+    def __init__(
+        self,
+        plan: DPExecutionPlan,
+        optimizer: optax.GradientTransformation,
+        *,
+        normalize_by: Real = 1.0,
+    ):
+        if not isinstance(plan, DPExecutionPlan):
+            raise TypeError(
+                "`DPTrainer` needs a `dp.DPExecutionPlan` (e.g. "
+                "`dp.DPSGDExecutionPlanConfig(...).make(grad_fn)`), got "
+                f"{type(plan).__name__}."
+            )
+        if isinstance(normalize_by, bool) or not (
+            math.isfinite(normalize_by) and normalize_by > 0
+        ):
+            raise ValueError(
+                f"`DPTrainer` got `normalize_by={normalize_by}`; it must be a finite "
+                "positive number (the noisy gradient sum is divided by it)."
+            )
+        self.plan = plan
+        self.optimizer = optimizer
+        self.normalize_by = jnp.asarray(normalize_by, jnp.float32)
+
+    @classmethod
+    def non_private(
+        cls,
+        loss_fn: Callable,
+        optimizer: optax.GradientTransformation,
+        *,
+        batch_size: int,
+        iterations: int,
+        microbatch_size: int | None = None,
+        has_aux: bool = False,
+    ) -> "DPTrainer":
+        """The same training loop without privacy: a baseline to compare with.
+
+        Batches of `batch_size` examples drawn uniformly at every step
+        (`dp.FixedBatchSampling`), the mean of the per-example gradients of `loss_fn`
+        (not clipped), no noise. `fit` reports `epsilon = inf`.
+
+        **Arguments:**
+
+        - `loss_fn`: `loss_fn(model, batch, key)`, the per-example loss a DP plan would
+            clip (the batch has a leading axis of size 1).
+        - `optimizer`: an `optax.GradientTransformation`.
+        - `batch_size`: examples per step.
+        - `iterations`: the number of steps.
+        - `microbatch_size`: per-example gradients are computed this many at a time.
+        - `has_aux`: whether `loss_fn` returns `(loss, aux)`.
+
+        !!! example
+
+            ```python
+            import equinox as eqx
+            import jax
+            import jax.numpy as jnp
+            import numpy as np
+            import optax
+            import eqx_micro.dp as dp
+
+            def loss(model, batch, key):
+                return jnp.mean((jax.vmap(model)(batch["x"]) - batch["y"]) ** 2)
+
+            x = np.random.default_rng(0).normal(size=(64, 2)).astype(np.float32)
+            data = {"x": x, "y": x[:, :1] - x[:, 1:]}
+            trainer = dp.DPTrainer.non_private(
+                loss, optax.sgd(0.1, momentum=0.9), batch_size=16, iterations=100
+            )
+            model = eqx.nn.Linear(2, 1, key=jax.random.key(0))
+            model, report = trainer.fit(data, model, rng=0, key=jax.random.key(1),
+                                        delta=1e-5, progress=False)
+            assert report.epsilon == float("inf")
+            assert np.allclose(model.weight, [[1.0, -1.0]], atol=0.05)
+            ```
+        """
+        grad_fn = micro_grad(
+            loss_fn,
+            has_aux,
+            0,
+            batch_argnums=1,
+            microbatch_size=microbatch_size,
+            key_argnum=2,
+        )
+        plan = DPExecutionPlan(
+            clipped_aggregation_fn=_UnclippedGrad(grad_fn),
+            batch_selection_strategy=FixedBatchSampling(batch_size, iterations),
+            noise_addition_transform=_NoNoise(),
+            dp_event=dp_accounting.NonPrivateDpEvent(),
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            noise_multiplier=0.0,
+            iterations=iterations,
+        )
+        return cls(plan, optimizer, normalize_by=batch_size)
+
+    def init(self, model: PyTree) -> TrainState:
+        """The state before the first step.
+
+        Raises a `ValueError` if `model` holds an `eqx.nn.BatchNorm` layer.
+
+        !!! example
+
+            ```python
+            import equinox as eqx
+            import jax
+            import jax.numpy as jnp
+            import optax
+            import eqx_micro.dp as dp
+
+            loss = lambda model, batch, key: jnp.sum(model(batch["x"][0]))
+            trainer = dp.DPTrainer.non_private(loss, optax.sgd(1e-3), batch_size=8,
+                                               iterations=10)
+            state = trainer.init(eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0)))
+            assert state.step == 0 and state.noise_state.count == 0
+            ```
+        """
+        _check_no_batch_norm(model)
+        params = eqx.filter(model, eqx.is_inexact_array)
+        return TrainState(
+            model=model,
+            opt_state=self.optimizer.init(params),
+            noise_state=self.plan.noise_addition_transform.init(params),
+            step=jnp.zeros((), jnp.int32),
+        )
+
+    def step(
+        self,
+        state: TrainState,
+        batch: PyTree,
+        is_padding_example: Bool[ArrayLike, " batch"],
+        key: PRNGKeyArray,
+    ) -> tuple[TrainState, dict[str, Array]]:
+        """One private update on a (padded) batch; compiled, once per batch shape.
+
+        The loss sees `jax.random.fold_in(key, state.step)`, so pass the same `key` at
+        every step (as `fit` does): a resumed run draws the same keys.
+
+        **Arguments:**
+
+        - `state`: the `dp.TrainState`.
+        - `batch`: the batch, examples along axis 0 of every array leaf.
+        - `is_padding_example`: a bool vector, True for padding rows.
+        - `key`: the run's PRNG key.
+
+        **Returns:**
+
+        `(new_state, metrics)`. The metrics are `"loss"`, the mean loss of the real
+        examples (NaN unless the callable was built with `return_values=True`),
+        `"num_nonfinite"`, the examples whose gradient was not finite, and
+        `"noisy_grad_norm"`, the norm of the normalised noisy gradient. Only the last is
+        privatised: the other two are computed from the private batch, for monitoring;
+        the plan's epsilon covers the model, not them.
+
+        !!! example
+
+            ```python
+            import equinox as eqx
+            import jax
+            import jax.numpy as jnp
+            import optax
+            import eqx_micro.dp as dp
+
+            loss = lambda model, batch, key: jnp.sum(model(batch["x"][0]) ** 2)
+            grad_fn = dp.clipped_grad(loss, 1.0, key_argnum=2, return_values=True)
+            plan = dp.DPSGDExecutionPlanConfig(
+                iterations=5, sampling_prob=0.5, noise_multiplier=0.0
+            ).make(grad_fn)
+            trainer = dp.DPTrainer(plan, optax.sgd(0.1), normalize_by=2)
+            state = trainer.init(eqx.nn.Linear(2, 2, key=jax.random.key(0)))
+            batch = {"x": jnp.ones((4, 2))}
+            is_padding = jnp.array([False, False, True, True])
+            state, metrics = trainer.step(state, batch, is_padding, jax.random.key(1))
+            assert state.step == 1 and metrics["loss"] > 0
+            ```
+        """
+        # The accounting fields of the plan are static, so they would key the
+        # compilation cache without being used by the step: blank them, and plans that
+        # differ only in their epsilon share compiled steps.
+        plan = dataclasses.replace(
+            self.plan,
+            dp_event=dp_accounting.NoOpDpEvent(),
+            noise_multiplier=0.0,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+        )
+        return _step(
+            plan,
+            self.optimizer,
+            self.normalize_by,
+            state,
+            batch,
+            jnp.asarray(is_padding_example),
+            key,
+        )
+
+    def privacy_report(self, steps: int, delta: Real) -> PrivacyReport:
+        """The epsilon at `delta` after `steps` updates of the plan.
+
+        For a partial run (`steps < plan.iterations`), the plan's self-composed event
+        with its count cut to the rounds taken (one per step for DP-SGD, one per cycle
+        of `num_bands` steps for amplified BandMF); any other event is reported whole,
+        an upper bound. Accounted with the plan's accountant and neighbouring relation.
+
+        !!! example
+
+            ```python
+            import jax.numpy as jnp
+            import optax
+            import eqx_micro.dp as dp
+
+            grad_fn = dp.clipped_grad(lambda w, x, key: jnp.sum(w * x), 1.0,
+                                      key_argnum=2)
+            plan = dp.DPSGDExecutionPlanConfig(
+                iterations=100, sampling_prob=0.1, noise_multiplier=1.0, accountant="rdp"
+            ).make(grad_fn)
+            report = dp.DPTrainer(plan, optax.sgd(0.1)).privacy_report(40, 1e-5)
+            event = dp.dpsgd_event(1.0, 40, sampling_prob=0.1)
+            assert report.epsilon == dp.compute_epsilon(event, 1e-5, accountant="rdp")
+            ```
+        """
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"`steps` must be a non-negative int, got {steps!r}.")
+        event = _event_for_steps(self.plan, steps)
+        if steps == 0:
+            epsilon = 0.0
+        else:
+            epsilon = compute_epsilon(
+                event,
+                delta,
+                accountant=self.plan.accountant,
+                neighboring_relation=self.plan.neighboring_relation,
+            )
+        return PrivacyReport(
+            epsilon=epsilon,
+            delta=float(delta),
+            steps=steps,
+            iterations=self.plan.iterations,
+            dp_event=event,
+        )
+
+    def fit(
+        self,
+        data: PyTree,
+        model_or_state: PyTree,
+        *,
+        rng: RngLike,
+        key: PRNGKeyArray,
+        delta: Real,
+        padding_multiple: int | None = None,
+        callback: Callable[[TrainState, dict[str, Array]], Any] | None = None,
+        progress: bool = True,
+    ) -> tuple[PyTree, PrivacyReport]:
+        """Trains for the plan's `iterations` steps; returns the model and its report.
+
+        Draws the batches from `plan.batch_selection_strategy.batch_iterator(n, rng)`,
+        pads each one with `dp.pad_to_multiple_of` (padding placed for early stopping,
+        so microbatches of pure padding are skipped) and gathers it with
+        `dp.gather_padded_batch`. An empty batch becomes one of pure padding: the step
+        and its noise still run, as the accounting assumes.
+
+        To resume, pass a `dp.TrainState` (e.g. from a checkpoint) instead of a model,
+        with `rng` in the state it had when the run began (e.g. the same seed): the
+        first `state.step` batches are drawn again and skipped, so the resumed run gives
+        the same model, bit for bit, as one that was never interrupted.
+
+        **Arguments:**
+
+        - `data`: a PyTree of arrays (NumPy or JAX) with the examples along axis 0.
+        - `model_or_state`: the model to train, or a `dp.TrainState` to continue.
+        - `rng`: the batch-selection randomness: a `np.random.Generator` or an int seed.
+            It is part of the mechanism: keep it secret in a real release.
+        - `key`: the PRNG key of the loss (e.g. dropout); step `t` uses
+            `fold_in(key, t)`.
+        - `delta`: the delta of the privacy report and the progress bar.
+        - `padding_multiple`: every batch is padded to a multiple of this (a multiple of
+            the microbatch size). By default about twice the standard deviation of the
+            batch size, so that the step compiles for a handful of sizes.
+        - `callback`: called as `callback(state, metrics)` after every step (e.g. to save
+            a checkpoint); returning True stops training there.
+        - `progress`: show a progress bar (tqdm if installed, else printed lines) with
+            the training loss and the epsilon spent so far.
+
+        **Returns:**
+
+        `(model, dp.PrivacyReport)`, the report for the steps taken.
+
+        !!! example
+
+            ```python
+            import equinox as eqx
+            import jax
+            import jax.numpy as jnp
+            import numpy as np
+            import optax
+            import eqx_micro.dp as dp
+
+            loss = lambda model, batch, key: jnp.sum((model(batch["x"][0]) - 1.0) ** 2)
+            grad_fn = dp.clipped_grad(loss, 1.0, key_argnum=2)
+            plan = dp.DPSGDExecutionPlanConfig(
+                iterations=20, sampling_prob=0.2, noise_multiplier=2.0, accountant="rdp"
+            ).make(grad_fn)
+            trainer = dp.DPTrainer(plan, optax.sgd(0.1), normalize_by=10)
+            data = {"x": np.ones((50, 2), np.float32)}
+
+            def stop_at_5(state, metrics):
+                return state.step == 5
+
+            model, report = trainer.fit(
+                data, eqx.nn.Linear(2, 1, key=jax.random.key(0)), rng=0,
+                key=jax.random.key(1), delta=1e-5, callback=stop_at_5, progress=False,
+            )
+            assert report.steps == 5
+            assert report.epsilon < trainer.privacy_report(20, 1e-5).epsilon
+            ```
+        """
+        num_examples = _num_examples(data)
+        if isinstance(model_or_state, TrainState):
+            state = model_or_state
+            _check_no_batch_norm(state.model)
+        else:
+            state = self.init(model_or_state)
+        start = int(state.step)
+        iterations = self.plan.iterations
+        if start > iterations:
+            raise ValueError(
+                f"`DPTrainer.fit` got a state at step {start}, past the plan's "
+                f"`iterations={iterations}`."
+            )
+        strategy = self.plan.batch_selection_strategy
+        microbatch_size = _microbatch_size(self.plan.clipped_aggregation_fn)
+        if padding_multiple is None:
+            padding_multiple = _default_multiple(
+                strategy, num_examples, microbatch_size or 1
+            )
+        batches = strategy.batch_iterator(num_examples, rng)
+        # Resuming: replay the sampler to where the state stopped.
+        batches = itertools.islice(batches, start, None)
+        bar = _Progress(
+            progress,
+            iterations,
+            start,
+            lambda steps: self.privacy_report(steps, delta).epsilon,
+        )
+        steps = start
+        for indices in batches:
+            padded = _pad(np.asarray(indices), padding_multiple, microbatch_size)
+            batch, is_padding = gather_padded_batch(data, padded)
+            state, metrics = self.step(state, batch, jnp.asarray(is_padding), key)
+            steps += 1
+            bar.update(steps, metrics)
+            if callback is not None and callback(state, metrics):
+                break
+        report = self.privacy_report(steps, delta)
+        bar.close(report)
+        return state.model, report
+
+
+@eqx.filter_jit
+def _step(
+    plan: DPExecutionPlan,
+    optimizer: optax.GradientTransformation,
+    normalize_by: Float[Array, ""],
+    state: TrainState,
+    batch: PyTree,
+    is_padding_example: Bool[Array, " batch"],
+    key: PRNGKeyArray,
+) -> tuple[TrainState, dict[str, Array]]:
+    key = jax.random.fold_in(key, state.step)
+    grads, noise_state, aux = plan.noisy_grad(
+        state.noise_state,
+        state.model,
+        batch,
+        key,
+        is_padding_example=is_padding_example,
+    )
+    grads = jtu.tree_map(
+        lambda g: g / normalize_by.astype(g.dtype) if eqx.is_array(g) else g, grads
+    )
+    params = eqx.filter(state.model, eqx.is_inexact_array)
+    updates, opt_state = optimizer.update(grads, state.opt_state, params)
+    model = eqx.apply_updates(state.model, updates)
+    new_state = TrainState(
+        model=model, opt_state=opt_state, noise_state=noise_state, step=state.step + 1
+    )
+    return new_state, _metrics(aux, is_padding_example, grads)
+
+
+def _metrics(
+    aux: Any, is_padding_example: Bool[ArrayLike, " batch"], grads: PyTree
+) -> dict[str, Array]:
+    real = jnp.logical_not(jnp.asarray(is_padding_example))
+    values = getattr(aux, "values", None)
+    if eqx.is_array(values) and values.ndim == 1:
+        count = jnp.maximum(jnp.sum(real), 1).astype(values.dtype)
+        loss = jnp.sum(jnp.where(real, values, jnp.zeros_like(values))) / count
+    else:
+        loss = jnp.full((), jnp.nan, jnp.float32)
+    nonfinite = getattr(aux, "num_nonfinite", None)
+    if nonfinite is None:
+        nonfinite = jnp.zeros((), jnp.int32)
+    return {
+        "loss": loss,
+        "num_nonfinite": nonfinite,
+        "noisy_grad_norm": optax.tree.norm(grads),
+    }

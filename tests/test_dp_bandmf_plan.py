@@ -187,3 +187,32 @@ def test_bad_config(kwargs, message):
     }
     with pytest.raises(ValueError, match=message):
         dp.BandMFExecutionPlanConfig(**settings)
+
+
+def test_choose_num_bands_picks_the_least_rmse():
+    accountant = dp_accounting.pld.PLDAccountant(
+        RELATION.REPLACE_SPECIAL, value_discretization_interval=1e-3
+    )
+    best, rmses = dp.choose_num_bands(
+        iterations=24,
+        num_examples=240,
+        expected_batch_size=30,
+        epsilon=4.0,
+        delta=1e-5,
+        accountant=accountant,
+        strategy_optimization_steps=20,
+    )
+    assert set(rmses) == {1, 2, 4, 8}  # 8 x 30 <= 240 < 16 x 30
+    assert rmses[best] == min(rmses.values()) and best > 1
+    # One band is DP-SGD: its RMSE is that of the DP-SGD plan at the same epsilon.
+    dpsgd = dp.DPSGDExecutionPlanConfig(
+        iterations=24,
+        sampling_prob=0.125,
+        epsilon=4.0,
+        delta=1e-5,
+        num_examples=240,
+        accountant=accountant,
+    ).make(grad_fn())
+    assert math.isclose(rmses[1], dpsgd.prefix_sum_rmse(), rel_tol=1e-9)
+    with pytest.raises(ValueError, match="`expected_batch_size` must be in"):
+        dp.choose_num_bands(24, 240, 0, 4.0, 1e-5)

@@ -33,6 +33,7 @@ from ._noise import (
 )
 from ._plan import (
     BandMFExecutionPlanConfig as BandMFExecutionPlanConfig,
+    choose_num_bands as choose_num_bands,
     DPExecutionPlan as DPExecutionPlan,
     DPSGDExecutionPlanConfig as DPSGDExecutionPlanConfig,
 )

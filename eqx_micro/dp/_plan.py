@@ -669,3 +669,81 @@ class BandMFExecutionPlanConfig(eqx.Module):
             iterations=self.iterations,
             accountant=self.accountant,
         )
+
+
+def choose_num_bands(
+    iterations: int,
+    num_examples: int,
+    expected_batch_size: Real,
+    epsilon: Real,
+    delta: Real,
+    *,
+    candidates: tuple[int, ...] | None = None,
+    accountant: Accountant = "pld",
+    strategy_optimization_steps: int = 100,
+) -> tuple[int, dict[int, float]]:
+    """The number of BandMF bands with the least prefix-sum RMSE for a training run.
+
+    For every candidate `b`, builds the amplified BandMF plan with `num_bands=b` at the
+    same expected batch size (per-group rate `expected_batch_size * b / num_examples`)
+    and target `(epsilon, delta)`, calibrates its noise multiplier, optimizes its
+    strategy, and computes its `prefix_sum_rmse`. More bands cancel more noise but give
+    each example fewer, less amplified participations; this finds the balance. `b = 1`
+    is DP-SGD. The dataset size is treated as public (zero-out relation).
+
+    **Arguments:**
+
+    - `iterations`: the number of training steps.
+    - `num_examples`: the dataset size.
+    - `expected_batch_size`: the average batch size.
+    - `epsilon`, `delta`: the target guarantee.
+    - `candidates`: the band counts to try; by default 1 and the powers of 2 up to the
+        largest with a per-group rate of at most 1 and at most `iterations` bands.
+    - `accountant`: as in the plan configs.
+    - `strategy_optimization_steps`: the optimizer's step budget per candidate.
+
+    **Returns:**
+
+    `(best_num_bands, {num_bands: rmse})`.
+
+    !!! example
+
+        ```python
+        import eqx_micro.dp as dp
+
+        best, rmses = dp.choose_num_bands(
+            iterations=32, num_examples=400, expected_batch_size=50, epsilon=4.0,
+            delta=1e-5, candidates=(1, 2, 4),
+        )
+        assert rmses[best] == min(rmses.values()) and set(rmses) == {1, 2, 4}
+        ```
+    """
+    if not 0 < expected_batch_size <= num_examples:
+        raise ValueError(
+            f"`expected_batch_size` must be in (0, num_examples={num_examples}], got "
+            f"{expected_batch_size}."
+        )
+    if candidates is None:
+        candidates, bands = (), 1
+        while bands <= iterations and expected_batch_size * bands <= num_examples:
+            candidates += (bands,)
+            bands *= 2
+    rmses = {}
+    for bands in candidates:
+        config = BandMFExecutionPlanConfig(
+            iterations=iterations,
+            num_bands=bands,
+            sampling_prob=expected_batch_size * bands / num_examples,
+            epsilon=epsilon,
+            delta=delta,
+            num_examples=num_examples,
+            accountant=accountant,
+            strategy_optimization_steps=strategy_optimization_steps,
+        )
+        coefs = optimize_banded_toeplitz(
+            iterations, bands, max_optimizer_steps=strategy_optimization_steps
+        )
+        unit = coefs / np.linalg.norm(coefs)
+        rmses[bands] = config._noise_multiplier() * strategy_rmse(unit, iterations)
+    best = min(rmses, key=rmses.__getitem__)
+    return best, rmses

@@ -7,7 +7,7 @@ max_optimizer_steps=500)` (what its `BandMFConfig.default` runs; it builds a new
 step on every call, so every call compiles). Both results are scored with the same
 float64 `dp.banded_toeplitz_loss`, so "same loss reached" is checked, not assumed.
 
-Run `python benchmarks/bench_bandmf.py` (about 10-15 minutes on 2 cores, almost all of
+Run `python benchmarks/bench_bandmf.py` (about 6-15 minutes on 2 cores, almost all of
 it jax_privacy at 10⁴ iterations), or `--quick` (about a minute). The markdown report is
 printed and written to `benchmarks/results/bandmf.md` (`bandmf-quick.md` with
 `--quick`).

@@ -5,13 +5,13 @@ strategy, the noise (`noise_multiplier` times the clipped callable's sensitivity
 number of iterations. Configs build plans so that these can never drift apart.
 """
 
+import dataclasses
 import math
 import secrets
 from typing import Any
 
 import dp_accounting
 import equinox as eqx
-import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import ArrayLike, PyTree
 
@@ -225,20 +225,15 @@ class DPExecutionPlan(eqx.Module):
         clipped, aux = self.clipped_aggregation_fn(
             *args, is_padding_example=is_padding_example, **kwargs
         )
-        clipped = jtu.tree_map(
-            lambda x: (
-                eqx.error_if(
-                    x,
-                    noise_state.count >= self.iterations,
-                    "This DP plan's privacy event covers "
-                    f"{self.iterations} iterations and they are used up; make a new "
-                    "plan (and account for both) to train longer.",
-                )
-                if eqx.is_array(x)
-                else x
-            ),
-            clipped,
+        # One check per release, on the count the new state is built from (a check per
+        # leaf costs a host callback each: 6% of a small CNN step).
+        count = eqx.error_if(
+            noise_state.count,
+            noise_state.count >= self.iterations,
+            f"This DP plan's privacy event covers {self.iterations} iterations and they "
+            "are used up; make a new plan (and account for both) to train longer.",
         )
+        noise_state = dataclasses.replace(noise_state, count=count)
         noisy, noise_state = self.noise_addition_transform.update(clipped, noise_state)
         return noisy, noise_state, aux
 

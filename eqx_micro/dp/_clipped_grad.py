@@ -261,11 +261,9 @@ class BoundedSensitivityCallable(AbstractBoundedSensitivityCallable):
             assert per_layer.l2_norm_bound == 1.0  # sqrt(3² + 4²) / 5
             ```
         """
-        if self.rescale_to_unit_norm:
-            total = float(len(self.l2_clip_norm_values))
-        else:
-            total = sum(c * c for c in self.l2_clip_norm_values)
-        return math.sqrt(total) / self.normalize_by
+        return l2_norm_bound(
+            self.l2_clip_norm_values, self.normalize_by, self.rescale_to_unit_norm
+        )
 
     @property
     def privacy_unit(self) -> str:
@@ -343,6 +341,43 @@ def _check_padding_mask(mask: Any, args: tuple, batch_argnums: tuple[int, ...]) 
 
 def _as_tuple(x: int | Sequence[int]) -> tuple[int, ...]:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def check_clipping_config(
+    caller: str,
+    l2_clip_norm: Any,
+    normalize_by: Any,
+    argnums: int | Sequence[int],
+    batch_argnums: int | Sequence[int],
+) -> list[float]:
+    """Validates what every clipped-gradient builder takes; returns the clip norms."""
+    clip_values = _concrete_clip_norms(l2_clip_norm, caller)
+    if isinstance(normalize_by, bool) or not (
+        _is_finite_number(float(normalize_by)) and normalize_by > 0
+    ):
+        raise ValueError(
+            f"`{caller}` got `normalize_by={normalize_by}`; it must be a finite positive "
+            "number (the sum is divided by it, and so is the sensitivity)."
+        )
+    overlap = set(_as_tuple(argnums)) & set(_as_tuple(batch_argnums))
+    if overlap:
+        raise ValueError(
+            f"`{caller}` got `argnums={argnums}` and `batch_argnums={batch_argnums}`, "
+            f"which overlap in {sorted(overlap)}: the parameters are differentiated and "
+            "the same for every example, the batch is split; an argument cannot be both."
+        )
+    return clip_values
+
+
+def l2_norm_bound(
+    clip_values: Sequence[float], normalize_by: float, rescale_to_unit_norm: bool
+) -> float:
+    """Per-layer clip norms add in quadrature; unit rescaling makes each one 1."""
+    if rescale_to_unit_norm:
+        total = float(len(clip_values))
+    else:
+        total = sum(c * c for c in clip_values)
+    return math.sqrt(total) / normalize_by
 
 
 def clipped_grad(
@@ -438,22 +473,9 @@ def clipped_grad(
         assert jnp.allclose(padded, 1.0)
         ```
     """
-    caller = "clipped_grad"
-    clip_values = _concrete_clip_norms(l2_clip_norm, caller)
-    if isinstance(normalize_by, bool) or not (
-        _is_finite_number(float(normalize_by)) and normalize_by > 0
-    ):
-        raise ValueError(
-            f"`{caller}` got `normalize_by={normalize_by}`; it must be a finite positive "
-            "number (the sum is divided by it, and so is the sensitivity)."
-        )
-    overlap = set(_as_tuple(argnums)) & set(_as_tuple(batch_argnums))
-    if overlap:
-        raise ValueError(
-            f"`{caller}` got `argnums={argnums}` and `batch_argnums={batch_argnums}`, "
-            f"which overlap in {sorted(overlap)}: the parameters are differentiated and "
-            "the same for every example, the batch is split; an argument cannot be both."
-        )
+    clip_values = check_clipping_config(
+        "clipped_grad", l2_clip_norm, normalize_by, argnums, batch_argnums
+    )
     clip_example = _ClipExample(
         l2_clip_norm=jtu.tree_map(lambda c: jnp.asarray(c, jnp.float32), l2_clip_norm),
         pre_clipping_transform=pre_clipping_transform,

@@ -24,6 +24,10 @@ from ._clipped_grad import (
     ClippedGradAux as ClippedGradAux,
 )
 from ._clipping import clip_pytree as clip_pytree, ClipL2 as ClipL2
+from ._ghost_clipped_grad import (
+    ghost_clipped_grad as ghost_clipped_grad,
+    GhostClippedGrad as GhostClippedGrad,
+)
 from ._noise import (
     AbstractNoiseTransform as AbstractNoiseTransform,
     BandMFNoise as BandMFNoise,

@@ -298,9 +298,7 @@ class GhostClippedGrad(AbstractBoundedSensitivityCallable):
                 shape = (1, *shape)
             return jax.ShapeDtypeStruct(shape, leaf.dtype)
 
-        structs = [
-            jax.ShapeDtypeStruct(x.shape, x.dtype) for x in prep.diff_leaves
-        ] + [
+        structs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in prep.diff_leaves] + [
             example_struct(x, b, e)
             for x, b, e in zip(prep.rest_leaves, prep.rest_batched, prep.rest_expand)
         ]

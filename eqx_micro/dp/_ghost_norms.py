@@ -44,6 +44,11 @@ def _mask(keep: Any, x: Any) -> Any:
     return jnp.where(keep.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros((), x.dtype))
 
 
+def _sum_per_example(x: Any) -> Any:
+    """Sums all but the leading axis (explicit sizes: the batch may be empty)."""
+    return jnp.sum(x, axis=tuple(range(1, x.ndim)))
+
+
 def _contract_examples(c: Any, per_example: Any) -> Any:
     """`Σ_i c_i x_i` as a dot over the example axis."""
     return lax.dot_general(c, per_example, (((0,), (0,)), ((), ())))
@@ -109,11 +114,10 @@ def _conv_layout(tap: Tap) -> dict:
 
 
 def gram_or_direct(tap: Tap) -> str:
-    """"gram" or "direct": how a dot/conv tap's norms are computed (static)."""
+    """How a dot/conv tap's norms are computed (static): `"gram"` or `"direct"`."""
     layout = _dot_layout(tap) if tap.kind == "dot" else _conv_layout(tap)
-    return "gram" if _gram_is_cheaper(layout["t"], layout["d_in"], layout["d_out"]) else (
-        "direct"
-    )
+    cheaper = _gram_is_cheaper(layout["t"], layout["d_in"], layout["d_out"])
+    return "gram" if cheaper else "direct"
 
 
 def _patches(tap: Tap, layout: dict, x: Any) -> Any:
@@ -232,7 +236,7 @@ def _elementwise(tap: Tap, x: Any, g: Any, leaf_shape: tuple) -> tuple[Any, Call
     if tap.chain:
         grad = jax.vmap(_leaf_transpose(tap, leaf_shape))(grad)
     per_example = grad.reshape((grad.shape[0], *leaf_shape))
-    sq = jnp.sum(jnp.square(per_example).reshape(per_example.shape[0], -1), axis=1)
+    sq = _sum_per_example(jnp.square(per_example))
 
     def clipped_sum(c, keep):
         return _contract_examples(c, _mask(keep, per_example))
@@ -249,16 +253,17 @@ def _gather(tap: Tap, x: Any, g: Any, leaf_shape: tuple) -> tuple[Any, Callable]
     lookup_axes = tuple(d for d in range(g.ndim - 1) if d not in offset)
     perm = (0, *(1 + d for d in lookup_axes), *(1 + d for d in offset))
     rows = jnp.transpose(_f32(g), perm)
-    rows = rows.reshape(batch, -1, width)
+    lookups = math.prod(g.shape[1 + d] for d in lookup_axes)
+    rows = rows.reshape(batch, lookups, width)
     index_part = list(dims.start_index_map)
-    ids = x[..., index_part.index(0)].reshape(batch, -1)
+    ids = x[..., index_part.index(0)].reshape(batch, lookups)
     mode = eqn.params["mode"]
     if mode == lax.GatherScatterMode.FILL_OR_DROP:
         # Out-of-range lookups return the fill value and get no gradient.
         valid = (ids >= 0) & (ids < vocab)
         for k, operand_dim in enumerate(index_part):
             if operand_dim != 0:
-                valid = valid & (x[..., k].reshape(batch, -1) == 0)
+                valid = valid & (x[..., k].reshape(batch, lookups) == 0)
         rows = jnp.where(valid[..., None], rows, 0.0)
     else:
         ids = jnp.clip(ids, 0, vocab - 1)
@@ -295,7 +300,7 @@ def materialised_norms(
 ) -> tuple[Any, Callable[[Any, Any], Any]]:
     """The same for a formed per-example gradient `(B, *leaf_shape)` (fallback)."""
     grads = _f32(per_example)
-    sq = jnp.sum(jnp.square(grads).reshape(grads.shape[0], -1), axis=1)
+    sq = _sum_per_example(jnp.square(grads))
 
     def clipped_sum(c, keep):
         return _contract_examples(c, _mask(keep, grads))

@@ -21,9 +21,13 @@ Sections:
   (convolutions replayed channels-last, the default), in the loop with the convolutions
   as written (how the engine ran before; XLA:CPU keeps them NCHW inside a loop), and
   unrolled: time, XLA temp memory and compile time.
+- `memory`: XLA temp memory only (compiled, not run) of the clipped sum, ours against
+  optax and jax_privacy, for both models at batch 256 and 1024 and every microbatch size,
+  including the unmicrobatched MLP steps too slow to time.
 
 Run `python benchmarks/bench_grad.py` (about 15 minutes) or `--quick` (a smoke test);
-`--section clip` runs one section. Results go to `benchmarks/results/grad.md`.
+`--section clip` runs one section. Results go to `benchmarks/results/grad.md`
+(`grad-SECTION.md` for one section).
 """
 
 import argparse
@@ -306,6 +310,47 @@ def _jax_privacy_clipped_grad(static, microbatch_size):
     return fun
 
 
+def memory_section(model_name: str, batch: int, sizes) -> str:
+    """XLA temp memory of the clipped sum (compiled, not run): ours, optax, jax_privacy."""
+    model = make_model(model_name, jax.random.key(0))
+    x, y = make_batch(model_name, batch, jax.random.key(1))
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    lines = [
+        f"### {model_name.upper()} B={batch}: XLA temp MiB of the clipped gradient sum",
+        "",
+        "| mb | eqx_micro | optax | jax_privacy | eqx_micro - min(others) |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for mb in sizes:
+        ours = em.micro_grad(
+            batch_of_one_loss, batch_argnums=(2, 3), microbatch_size=mb, transform_fn=clip
+        )
+        optax_fn = omb.micro_grad(
+            functools.partial(_optax_loss, static=static),
+            batch_argnums=1,
+            microbatch_size=mb,
+            transform_fn=clip,
+        )
+        candidates = {
+            "ours": jax.jit(lambda p, x, y, f=ours: f(p, static, x, y)[0]),
+            "optax": jax.jit(lambda p, x, y, f=optax_fn: f(p, (x, y))[0]),
+        }
+        jp = _jax_privacy_clipped_grad(static, mb)
+        if jp is not None:
+            candidates["jax_privacy"] = jax.jit(jp)
+        temp = {}
+        for name, fn in candidates.items():
+            analysis = fn.lower(params, x, y).compile().memory_analysis()
+            temp[name] = analysis.temp_size_in_bytes / MIB
+        others = [v for k, v in temp.items() if k != "ours"]
+        cells = [f"{temp.get(k, float('nan')):,.2f}" for k in candidates]
+        lines.append(
+            f"| {'-' if mb is None else mb} | {' | '.join(cells)} "
+            f"| {temp['ours'] - min(others):+.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def accumulate_section(model_name: str, batch: int, counts, repeats) -> str:
     model = make_model(model_name, jax.random.key(0))
     x, y = make_batch(model_name, batch, jax.random.key(1))
@@ -433,7 +478,9 @@ def layout_section(batch: int, counts, repeats) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke test")
-    parser.add_argument("--section", choices=["clip", "accumulate", "compile", "layout"])
+    parser.add_argument(
+        "--section", choices=["clip", "accumulate", "compile", "layout", "memory"]
+    )
     args = parser.parse_args(argv)
     sections = (
         [args.section] if args.section else ["clip", "accumulate", "compile", "layout"]
@@ -454,6 +501,10 @@ def main(argv: list[str] | None = None) -> None:
                 # optax and jax_privacy: seconds to minutes per MLP step; B=256 only.
                 refs = args.quick or name == "cnn" or batch == 256
                 parts.append(clip_section(name, batch, sizes, repeats, refs))
+            if "memory" in sections:
+                sizes = (None, 16) if args.quick else (None, 32, 64, 256)
+                sizes = tuple(s for s in sizes if s is None or s <= batch)
+                parts.append(memory_section(name, batch, sizes))
             if "accumulate" in sections:
                 counts = (4,) if args.quick else (4, 16)
                 parts.append(accumulate_section(name, batch, counts, repeats))

@@ -30,10 +30,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P, Sharding
-from jaxtyping import Array, Float
+from jaxtyping import Float
 
 import eqx_micro.dp as dp
-from examples.dp_digits import CNN, Data, DELTA, DP_OPTIMIZER, load_digits, loss
+from examples.dp_digits import (
+    ACCOUNTANT,
+    accuracy,
+    CNN,
+    DELTA,
+    DP_OPTIMIZER,
+    load_digits,
+    loss,
+)
 
 
 NUM_DEVICES = 8
@@ -108,12 +116,6 @@ def parameters(model: CNN) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree.leaves(eqx.filter(model, eqx.is_array))]
 
 
-@eqx.filter_jit
-def accuracy(model: CNN, data: Data) -> Float[Array, ""]:
-    predictions = jnp.argmax(jax.vmap(model)(data["image"]), axis=1)
-    return jnp.mean((predictions == data["label"]).astype(jnp.float32))
-
-
 def main(quick: bool = False) -> None:
     if jax.device_count() < NUM_DEVICES:
         _rerun_with_devices(quick)
@@ -132,7 +134,7 @@ def main(quick: bool = False) -> None:
         sampling_prob=sampling_prob,
         epsilon=EPSILON,
         delta=DELTA,
-        accountant="rdp",  # Calibrates in well under a second.
+        accountant=ACCOUNTANT,
         noise_seed=0,  # Reproducible here; leave it None (secret) in a real release.
     ).make(grad_fn)
     trainer = dp.DPTrainer(plan, DP_OPTIMIZER, normalize_by=EXPECTED_BATCH_SIZE)

@@ -158,3 +158,11 @@ def test_python_blocks_parser():
     ```
     """
     assert python_blocks(docstring) == ["x = 1\n\nassert x == 1"]
+
+
+def test_readme_code_runs():
+    """The README's ```python blocks run in order, as one script (the tour, then DP)."""
+    readme = pathlib.Path(__file__).parent.parent / "README.md"
+    blocks = python_blocks(readme.read_text())
+    assert len(blocks) >= 2, "README.md lost its code blocks."
+    exec(compile("\n".join(blocks), "<README.md>", "exec"), {"__name__": "readme"})

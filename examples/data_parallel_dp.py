@@ -36,18 +36,19 @@ import eqx_micro.dp as dp
 from examples.dp_digits import (
     ACCOUNTANT,
     accuracy,
+    CLIP_NORM,
     CNN,
     DELTA,
     DP_OPTIMIZER,
     load_digits,
     loss,
+    MICROBATCH_SIZE,  # 64: 8 examples per device in every microbatch.
+    padding_multiple,
 )
 
 
 NUM_DEVICES = 8
 EXPECTED_BATCH_SIZE = 256
-MICROBATCH_SIZE = 64  # 8 examples per device in every microbatch.
-CLIP_NORM = 1.0
 EPSILON = 8.0
 # Parameters of the two runs agree to this (absolute and relative, float32): the
 # all-reduce of the 8 shards adds the per-example gradients in another order than the
@@ -90,7 +91,6 @@ def train(
     batch_sharding: Sharding,
     state_sharding: Sharding,
     seed: int,
-    padding_multiple: int,
 ) -> tuple[CNN, Float[np.ndarray, " steps"]]:
     """The DP-SGD loop of `DPTrainer.fit`, with every batch placed by `batch_sharding`.
 
@@ -103,7 +103,9 @@ def train(
     strategy = trainer.plan.batch_selection_strategy
     losses = []
     for indices in strategy.batch_iterator(num_examples, np.random.default_rng(seed)):
-        indices = dp.pad_to_multiple_of(indices, padding_multiple, MICROBATCH_SIZE)
+        # Batches of 256 +- 16 padded to 320 rows (40 a device): one compiled shape.
+        multiple = padding_multiple(EXPECTED_BATCH_SIZE)
+        indices = dp.pad_to_multiple_of(indices, multiple, MICROBATCH_SIZE)
         batch, is_padding = dp.gather_padded_batch(train_data, indices)
         batch, is_padding = jax.device_put((batch, is_padding), batch_sharding)
         state, metrics = trainer.step(state, batch, is_padding, key)
@@ -145,7 +147,6 @@ def main(quick: bool = False) -> None:
     )
 
     mesh = jax.make_mesh((NUM_DEVICES,), ("data",), axis_types=(AxisType.Auto,))
-    # Batches of 256 +- 16 padded to 384 rows: one compiled shape, 48 rows a device.
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     one_name, many_name = "1 device", f"{NUM_DEVICES} devices"
     runs = {
@@ -159,7 +160,7 @@ def main(quick: bool = False) -> None:
     for name, (batch_sharding, state_sharding) in runs.items():
         tic = time.perf_counter()
         models[name], losses[name] = train(
-            trainer, train_data, batch_sharding, state_sharding, 0, padding_multiple=384
+            trainer, train_data, batch_sharding, state_sharding, seed=0
         )
         weight = models[name].conv1.weight
         print(
@@ -170,11 +171,11 @@ def main(quick: bool = False) -> None:
         )
     one, many = parameters(models[one_name]), parameters(models[many_name])
     absolute = max(np.max(np.abs(x - y)) for x, y in zip(many, one))
-    relative = max(np.max(np.abs(x - y) / np.abs(y).clip(ATOL)) for x, y in zip(many, one))
+    scale = max(np.max(np.abs(y)) for y in one)
     loss_difference = np.max(np.abs(losses[one_name] - losses[many_name]))
     print(
         f"largest difference, {NUM_DEVICES} devices vs 1: parameters {absolute:.2e} "
-        f"(absolute), {relative:.2e} (relative); training loss {loss_difference:.2e}"
+        f"(the largest parameter is {scale:.2f}), training loss {loss_difference:.2e}"
     )
     for x, y in zip(many, one):
         np.testing.assert_allclose(x, y, rtol=RTOL, atol=ATOL)

@@ -221,6 +221,16 @@ def test_transformer_block_matches_clipped_grad(method):
     assert described["model.pos"] == "elementwise"
 
 
+def test_wide_transformer_block_under_jit():
+    """Regression: at these widths XLA:CPU once fused the norms into the backward
+    pass wrongly under `jit` (the MLP's `down` weight norms were 90% off)."""
+    model = Block(jax.random.key(0), length=32, width=64)
+    x = jax.random.normal(jax.random.key(1), (4, 32, 64))
+    y = jnp.arange(4) % 2
+    clip = jtu.tree_map(lambda _: 1e6, eqx.filter(model, eqx.is_inexact_array))
+    compare(cross_entropy, (model, x, y), clip, batch_argnums=(1, 2))
+
+
 def test_per_layer_clip_norms():
     params = {
         "a": eqx.nn.Linear(6, 5, key=jax.random.key(0)),

@@ -6,11 +6,12 @@ on one device, and once with every batch sharded over a mesh of 8 devices along 
 batch axis (`NamedSharding(mesh, P("data"))`) and the training state replicated. XLA
 partitions the compiled step: each device computes the clipped per-example gradients
 of its eighth of every microbatch, and the sums are all-reduced before the noise is
-added (the noise key is replicated, so every device adds the same noise). The example
-checks that the two runs give the same model to float32 tolerance.
+added (the noise key is replicated, so every device adds the same noise; the compiled
+step has all-reduces and no all-gather, so the batch is never gathered on one device).
+The example checks that the two runs give the same model to float32 tolerance.
 
     python -m examples data_parallel_dp --quick  # 12 steps
-    python -m examples data_parallel_dp          # 80 steps, epsilon 8 for 80 steps
+    python -m examples data_parallel_dp          # 80 steps
 
 JAX fixes its device count when its backend starts, and 8 host CPU devices need
 `XLA_FLAGS=--xla_force_host_platform_device_count=8` before that. When this example

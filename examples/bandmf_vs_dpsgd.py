@@ -47,7 +47,7 @@ from examples.dp_digits import (
 
 # Per epsilon: (expected batch size, epochs). The same for both mechanisms.
 SETTINGS = {2.0: (128, 12), 8.0: (128, 25)}
-QUICK_SETTINGS = {8.0: (128, 4)}
+QUICK_SETTINGS = {8.0: (128, 3)}
 RESULTS = pathlib.Path(__file__).parent / "results"
 # PLD accounting under the zero-out relation (the dataset size is public), discretised
 # at 0.01 instead of dp_accounting's 1e-4: a pessimistic (valid) bound on epsilon that

@@ -172,6 +172,15 @@ def _grouped(
                 gk = gk * c[:, None, None, None]
             else:
                 ak = ak * c[:, None, None, None]
+            if layout.get("groups", 1) == 1:
+                # One plain matrix product over the (example, T) rows.
+                rows = gk.shape[0] * gk.shape[1]
+                total = lax.dot_general(
+                    gk.reshape(rows, layout["d_out"]),
+                    ak.reshape(rows, layout["d_in"]),
+                    (((0,), (0,)), ((), ())),
+                )
+                return to_operand(total)
             total = jnp.einsum("btko,btkf->kof", gk, ak)
             return to_operand(total)
 

@@ -301,10 +301,12 @@ def tap_norms(
 ) -> tuple[Any, Callable[[Any, Any], Any]]:
     """`(squared norms (B,), clipped_sum(c, keep))` of a tapped leaf: `clipped_sum`
     returns `Σ_i c_i ∇_i` over the kept examples, in the leaf's shape, float32."""
-    # A barrier between the backward pass and the norms: without it, XLA:CPU (jaxlib
-    # 0.10.2) fuses them into a wrong result under `jit` (a transformer block's MLP
-    # weight norms off by 90%, exact when run eagerly or with the barrier; see
-    # `test_wide_transformer_block_under_jit`).
+    # A barrier between the backward pass and the norms. jaxlib 0.10.2's XLA:CPU fuses
+    # `reduce(dot(a, broadcast(g)))` into a YNNPACK kernel that returns wrong sums when
+    # `g` is a broadcast along the dot's output axis (cf. jax-ml/jax#39103), which an
+    # output-gradient before a mean-pool is: a transformer block's MLP norms came out
+    # 90% off. Behind the barrier `g` is a plain array. Regression test:
+    # `test_wide_transformer_block_under_jit`; the bug itself: `test_xla_canary.py`.
     x, g = lax.optimization_barrier((x, g))
     return _KINDS[tap.kind](tap, x, g, leaf_shape)
 

@@ -134,3 +134,23 @@ def test_unsupported_event_is_an_error():
     fixed = dp.fixed_batch_dpsgd_event(1.0, 10, num_examples=100, batch_size=10)
     with pytest.raises(ValueError, match="does not support this event"):
         dp.compute_epsilon(fixed, 1e-5, accountant="rdp")  # needs REPLACE_ONE
+
+
+@pytest.mark.parametrize(
+    "steps, sampling_prob, target",
+    [(100, 0.05, 8.0), (1000, 0.01, 1.0), (30, 0.5, 2.0)],
+)
+def test_calibration_equals_dp_accountings_own(steps, sampling_prob, target):
+    # The default "pld" calibration starts its exact search from a coarse-grid answer;
+    # the result must be dp_accounting's own calibration (same accountant, same tol).
+    make = lambda s: dp.dpsgd_event(s, steps, sampling_prob=sampling_prob)
+    ours = dp.calibrate_noise_multiplier(make, target, 1e-5, tol=1e-3)
+    theirs = dp_accounting.calibrate_dp_mechanism(
+        lambda: dp_accounting.pld.PLDAccountant(dp.NeighboringRelation.ADD_OR_REMOVE_ONE),
+        make,
+        target,
+        1e-5,
+        tol=1e-3,
+    )
+    assert ours == pytest.approx(theirs, abs=2e-3)
+    assert dp.compute_epsilon(make(ours), 1e-5) <= target

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Literal
 
 import dp_accounting
+from dp_accounting import mechanism_calibration
 
 
 NeighboringRelation = dp_accounting.NeighboringRelation
@@ -332,12 +333,39 @@ def calibrate_noise_multiplier(
     if not target_epsilon > 0:
         raise ValueError(f"`target_epsilon` must be > 0, got {target_epsilon}.")
     _check("target_delta", target_delta, 0.0, 1.0, closed_low=False)
-    return float(
-        dp_accounting.calibrate_dp_mechanism(
-            _accountant(accountant, neighboring_relation),
+    fresh_accountant = _accountant(accountant, neighboring_relation)
+    bracket = None
+    if isinstance(accountant, str) and accountant == "pld":
+        # The default PLD grid (1e-4) costs seconds per evaluation at small sigmas. A
+        # search on a 100x coarser grid (tens of ms each) lands within 0.2% of the
+        # answer in the cases we measured, so the exact search starts from a narrow
+        # bracket around it: about half the exact evaluations, the same result.
+        coarse = dp_accounting.calibrate_dp_mechanism(
+            lambda: dp_accounting.pld.PLDAccountant(
+                neighboring_relation, value_discretization_interval=1e-2
+            ),
             make_event,
             target_epsilon,
             target_delta,
+            tol=tol / 10,
+        )
+        if coarse is not None:  # None: the coarse search did not converge.
+            low, high = 0.98 * coarse, 1.02 * coarse
+            bracket = mechanism_calibration.ExplicitBracketInterval(low, high)
+    try:
+        sigma = dp_accounting.calibrate_dp_mechanism(
+            fresh_accountant,
+            make_event,
+            target_epsilon,
+            target_delta,
+            bracket_interval=bracket,
             tol=tol,
         )
-    )
+    except ValueError:
+        if bracket is None:
+            raise
+        # The coarse answer was further off than the bracket: search from scratch.
+        sigma = dp_accounting.calibrate_dp_mechanism(
+            fresh_accountant, make_event, target_epsilon, target_delta, tol=tol
+        )
+    return float(sigma)

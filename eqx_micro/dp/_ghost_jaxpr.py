@@ -26,6 +26,7 @@ import jax
 import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 
 _primitives = jex.core.primitives
@@ -106,6 +107,32 @@ def bind(eqn: Any, invals: Sequence[Any]) -> list[Any]:
     with eqn.ctx.manager:
         out = eqn.primitive.bind(*invals, **params)
     return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def bind_activation_first(eqn: Any, invals: Sequence[Any]) -> list[Any]:
+    """`bind` for a `dot_general` whose parameter is the left operand, computed with the
+    operands swapped and the result transposed back. Same values; but once vmapped,
+    the activation's example axis leads the product, so XLA:CPU emits a batch-major
+    matrix product instead of transposing the activations around a weight-major one
+    (an MLP with `keep_batch_dim=True` ran 1.67x slower and with 4 MiB more temp)."""
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    lhs, rhs = invals
+    params = dict(eqn.params)
+    params["dimension_numbers"] = ((rc, lc), (rb, lb))
+    precision = params.get("precision")
+    if isinstance(precision, tuple):
+        params["precision"] = precision[::-1]
+    with eqn.ctx.manager:
+        out = eqn.primitive.bind(rhs, lhs, **params)
+    nb = len(lb)
+    lhs_free = np.ndim(lhs) - len(lc) - nb
+    rhs_free = np.ndim(rhs) - len(rc) - nb
+    perm = (
+        *range(nb),
+        *range(nb + rhs_free, nb + rhs_free + lhs_free),
+        *range(nb, nb + rhs_free),
+    )
+    return [lax.transpose(out, perm)]
 
 
 def _eval_inlined(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
@@ -270,7 +297,10 @@ def run_tapped(
             other = 1 - taps[k].side
             if not isinstance(eqn.invars[other], jex.core.Literal):
                 invals[other] = mask_input(taps[k], invals[other])
-        outvals = bind(eqn, invals)
+        if k is not None and taps[k].kind == "dot" and taps[k].side == 0:
+            outvals = bind_activation_first(eqn, invals)
+        else:
+            outvals = bind(eqn, invals)
         if k is not None:
             tap = taps[k]
             if not (tap.kind == "elementwise" and eqn.primitive.name != "mul"):

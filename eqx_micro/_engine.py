@@ -449,6 +449,12 @@ def call_microbatched(
         # Straight-line code: XLA compiles each microbatch at top level.
         for index in range(bound):
             carry = body(jnp.int32(index), carry)
+    elif num_microbatches == 1:
+        # One microbatch whose run depends on a traced bound (a padding mask): run it
+        # at top level and keep the result only if the bound is 1. A one-trip loop
+        # blocks XLA's fusions across it (a CNN clipped sum ran ~6% slower).
+        ran = body(jnp.int32(0), carry)
+        carry = jtu.tree_map(lambda new, old: jnp.where(bound > 0, new, old), ran, carry)
     else:
         carry = jax.lax.fori_loop(0, bound, body, carry)
     acc_carry, threaded_arrays = carry

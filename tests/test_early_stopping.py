@@ -110,3 +110,19 @@ def test_verify_identifies_misplaced_padding():
     # Padding first.
     assert not em.verify_early_stopping_order(np.array([1, 0, 0, 1, 0, 0], bool), 2)
     assert em.verify_early_stopping_order(np.array([0, 0, 1, 0, 0, 1], bool), 2)
+
+
+@pytest.mark.parametrize("num_padding", [0, 3, 6])
+def test_one_microbatch_with_a_traced_mask_runs_without_a_loop(num_padding):
+    """A whole-batch microbatch under `jit` runs at top level (a one-trip loop costs
+    XLA's fusions) and still early-stops: an all-padding batch skips it entirely."""
+    data = jnp.arange(1.0, 7.0)
+    mask = jnp.arange(6) >= 6 - num_padding
+
+    def fun(x, is_padding_example):  # ignores the mask: only early stopping skips
+        return jnp.sum(x)
+
+    f = jax.jit(lambda x, m: em.microbatch(fun, 0, 6)(x, is_padding_example=m))
+    expected = 0.0 if num_padding == 6 else 21.0
+    assert f(data, mask) == expected
+    assert "while" not in f.lower(data, mask).compile().as_text()

@@ -12,7 +12,6 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jax import lax
 import jax.tree_util as jtu
 from jaxtyping import Array, ArrayLike, Float, PyTree
 

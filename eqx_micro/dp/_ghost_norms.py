@@ -181,7 +181,9 @@ def _grouped(
                 rows_c, rows_keep = c, keep
                 if layout["t"] > 1:
                     rows_c = jnp.repeat(c, layout["t"], total_repeat_length=a.shape[0])
-                    rows_keep = jnp.repeat(keep, layout["t"], total_repeat_length=a.shape[0])
+                    rows_keep = jnp.repeat(
+                        keep, layout["t"], total_repeat_length=a.shape[0]
+                    )
                 ak, gk = _mask(rows_keep, a), _mask(rows_keep, g)
                 if layout["d_out"] <= layout["d_in"]:
                     gk = gk * rows_c[:, None]
@@ -318,7 +320,8 @@ def _contracts_output_grad(tap: Tap) -> bool:
     if tap.kind == "elementwise":
         return False
     layout = _dot_layout(tap) if tap.kind == "dot" else _conv_layout(tap)
-    return layout["t"] > 1 or not _gram_is_cheaper(layout["t"], layout["d_in"], layout["d_out"])
+    gram = _gram_is_cheaper(layout["t"], layout["d_in"], layout["d_out"])
+    return layout["t"] > 1 or not gram
 
 
 def tap_norms(

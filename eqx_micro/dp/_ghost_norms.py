@@ -154,17 +154,19 @@ def _grouped(
 ) -> tuple[Any, Callable[[Any, Any], Any]]:
     """Norms and clipped sum from `a` `(B, T, k, d_in)` and `g` `(B, T, k, d_out)`
     (`k` feature groups, 1 for a dot)."""
+    grouped = layout.get("groups", 1) > 1
     if _gram_is_cheaper(layout["t"], layout["d_in"], layout["d_out"]):
-        if layout.get("groups", 1) == 1:
+        if not grouped:
             # Plain (example x T, features) matrices: XLA:CPU then keeps one copy of
             # each activation rather than one per rank it is viewed at.
             a = a.reshape(-1, layout["d_in"])
             g = g.reshape(-1, layout["d_out"])
-        if layout["t"] == 1 and a.ndim == 2:
-            sq = jnp.sum(jnp.square(a), axis=1) * jnp.sum(jnp.square(g), axis=1)
-        elif layout["t"] == 1:
+        if layout["t"] == 1:
+            # One position: ‖g xᵀ‖² = ‖x‖² ‖g‖², per feature group.
+            groups = (a.shape[0], layout.get("groups", 1))
             sq = jnp.sum(
-                jnp.sum(jnp.square(a), axis=(1, 3)) * jnp.sum(jnp.square(g), axis=(1, 3)),
+                jnp.sum(jnp.square(a.reshape(*groups, layout["d_in"])), axis=2)
+                * jnp.sum(jnp.square(g.reshape(*groups, layout["d_out"])), axis=2),
                 axis=1,
             )
         else:
@@ -176,19 +178,16 @@ def _grouped(
 
         def clipped_sum(c, keep):
             # One contraction over (example, T): c scales whichever operand is smaller.
-            if a.ndim == 2:
+            if not grouped:
                 # One plain matrix product over the (example, T) rows.
-                rows_c, rows_keep = c, keep
-                if layout["t"] > 1:
-                    rows_c = jnp.repeat(c, layout["t"], total_repeat_length=a.shape[0])
-                    rows_keep = jnp.repeat(
-                        keep, layout["t"], total_repeat_length=a.shape[0]
-                    )
-                ak, gk = _mask(rows_keep, a), _mask(rows_keep, g)
+                def per_row(v):
+                    return jnp.broadcast_to(v[:, None], (v.shape[0], layout["t"])).ravel()
+
+                ak, gk = _mask(per_row(keep), a), _mask(per_row(keep), g)
                 if layout["d_out"] <= layout["d_in"]:
-                    gk = gk * rows_c[:, None]
+                    gk = gk * per_row(c)[:, None]
                 else:
-                    ak = ak * rows_c[:, None]
+                    ak = ak * per_row(c)[:, None]
                 total = lax.dot_general(gk, ak, (((0,), (0,)), ((), ())))
                 return to_operand(total)
             ak, gk = _mask(keep, a), _mask(keep, g)

@@ -1,5 +1,6 @@
 """`micro_grad`: per-example gradients, transformed and accumulated over the batch."""
 
+import abc
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -69,6 +70,21 @@ def _zero_if(pad: Any, tree: Any) -> Any:
     )
 
 
+class AbstractPaddingAwareTransform(eqx.Module):
+    """A `transform_fn` that handles padding itself (private to the package).
+
+    `micro_grad` calls it as `transform_fn(grads, is_padding)`, with `is_padding` a
+    boolean scalar or None, and leaves its output as it is. `micro_grad` would otherwise
+    zero a padded example's whole output with a `where`, one more pass over every
+    per-example gradient; a transform that scales its gradients later (`dp.clipped_grad`
+    folds the clip scale into the sum) can zero the scale instead.
+    """
+
+    @abc.abstractmethod
+    def __call__(self, grads: Any, is_padding: Any) -> Any:
+        """Transforms one example's gradient; `is_padding` is a bool scalar or None."""
+
+
 class _MicroGrad(AbstractTransformed):
     fun: Callable
     transform_fn: Callable
@@ -113,13 +129,18 @@ class _MicroGrad(AbstractTransformed):
         (value, aux), grads = eqx.filter_value_and_grad(loss, has_aux=True)(diff_args)
         if self.single_argnum:
             grads = grads[0]
-        transformed = self.transform_fn(grads)
         metrics = None if self.metrics_fn is None else self.metrics_fn(grads)
         if self.keep_batch_dim:
             aux = jtu.tree_map(_squeeze_leading, aux)
         per_example = PerExample(values=value, metrics=metrics, aux=aux)
+        if isinstance(self.transform_fn, AbstractPaddingAwareTransform):
+            transformed = self.transform_fn(grads, pad)
+        else:
+            transformed = self.transform_fn(grads)
+            if pad is not None:
+                transformed = _zero_if(pad, transformed)
         if pad is not None:
-            transformed, per_example = _zero_if(pad, (transformed, per_example))
+            per_example = _zero_if(pad, per_example)
         return transformed, per_example
 
     def __call__(self, *args: Any, **kwargs: Any) -> tuple[Any, PerExample]:

@@ -192,6 +192,51 @@ def test_padded_nonfinite_example_is_neither_summed_nor_counted():
     assert jnp.allclose(total, -1.0) and aux.num_nonfinite == 0
 
 
+@pytest.mark.parametrize("microbatch_size", [None, 2, 3])
+@pytest.mark.parametrize("nan_safe", [True, False])
+def test_nonfinite_rows_of_a_large_layer(getkey, microbatch_size, nan_safe):
+    """The clip scales are folded into the sum, so a dropped or padded non-finite
+    example must be masked out of it (`0 * nan` is nan). The 300x300 weight (352 KiB)
+    is also summed in row blocks."""
+    model = eqx.nn.Sequential(
+        [
+            eqx.nn.Linear(300, 300, key=getkey()),
+            eqx.nn.Lambda(jnp.tanh),
+            eqx.nn.Linear(300, 2, key=getkey()),
+        ]
+    )
+    batch = {"x": jax.random.normal(getkey(), (6, 300)), "y": jnp.ones((6, 2))}
+    batch["x"] = batch["x"].at[5, 0].set(jnp.inf)  # padded and not finite
+    mask = jnp.array([False] * 5 + [True])
+    if nan_safe:
+        batch["x"] = batch["x"].at[1, 3].set(jnp.nan)  # dropped by nan_safe
+    grad_fn = dp.clipped_grad(
+        model_loss, 0.5, microbatch_size=microbatch_size, nan_safe=nan_safe
+    )
+    total, aux = eqx.filter_jit(grad_fn)(model, batch, is_padding_example=mask)
+    kept = [0, 2, 3, 4] if nan_safe else [0, 1, 2, 3, 4]
+    kept_batch = jtu.tree_map(lambda v: v[jnp.array(kept)], batch)
+    expected, _ = reference_sum(model, kept_batch, 0.5)
+    assert_tree_allclose(eqx.filter(total, eqx.is_array), expected, rtol=1e-5, atol=1e-6)
+    assert aux.num_nonfinite == (1 if nan_safe else 0)
+
+
+def test_mixed_precision_leaves():
+    """A bfloat16 leaf is scaled in float32 and cast back before the sum, as
+    `dp.clip_pytree` does; the float32 leaf has the scale folded into the sum."""
+    params = {"a": jnp.array([1.0, 2.0]), "b": jnp.array([0.5], jnp.bfloat16)}
+
+    def loss(p, x):
+        return jnp.sum(p["a"] * x[:, :2]) + jnp.sum(p["b"].astype(jnp.float32) * x[:, 2:])
+
+    x = jnp.array([[3.0, 0.0, 4.0], [0.3, 0.4, 0.0], [6.0, 0.0, 8.0]])
+    total, _ = dp.clipped_grad(loss, 1.0, microbatch_size=3)(params, x)
+    # Per-example gradients (3, 0 | 4), (0.3, 0.4 | 0), (6, 0 | 8): norms 5, 0.5, 10.
+    assert total["b"].dtype == jnp.bfloat16
+    assert jnp.allclose(total["a"], jnp.array([0.6 + 0.3 + 0.6, 0.4]), rtol=1e-6)
+    assert jnp.allclose(total["b"].astype(jnp.float32), 0.8 + 0.8, rtol=1e-2)
+
+
 @pytest.mark.parametrize("microbatch_size", [None, 2])
 def test_empty_batch_returns_zeros(getkey, microbatch_size):
     model = make_model(getkey())

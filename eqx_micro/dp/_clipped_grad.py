@@ -17,11 +17,19 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, PyTree
 
-from .._accumulators import Concat, Sum
+from .._accumulators import (
+    _carry_dtype,
+    _sum_leading_axis,
+    _zeros,
+    AbstractAccumulator,
+    Concat,
+    Sum,
+)
 from .._custom_types import DType
-from .._grad import micro_grad
+from .._engine import _drop_leading_axis
+from .._grad import AbstractPaddingAwareTransform, micro_grad
 from ._accounting import NeighboringRelation
-from ._clipping import clip_pytree, ClipNorm
+from ._clipping import clip_scales, ClipNorm
 
 
 class ClippedGradAux(eqx.Module):
@@ -180,8 +188,22 @@ def _concrete_clip_norms(l2_clip_norm: Any, caller: str) -> list[float]:
     return values
 
 
-class _ClipExample(eqx.Module):
-    """The per-example `transform_fn`: pre-transform, cast, clip, zero if not finite."""
+class _ScaledRows(eqx.Module):
+    """One example's gradient and the scale of its clipped copy (`grads * scales`, leaf
+    by leaf), left unmultiplied so the sum over examples can fold the scales in.
+
+    `unreadable` (a bool scalar, or None when no example can be) marks a gradient that
+    must not be read at all, because `0 * nan` is nan: a non-finite gradient that
+    `nan_safe` drops, or a non-finite padded one."""
+
+    grads: Any
+    scales: Any
+    unreadable: Any
+
+
+class _ClipExample(AbstractPaddingAwareTransform):
+    """The per-example `transform_fn`: pre-transform, cast, and clip scales (zero for a
+    dropped non-finite or a padded example)."""
 
     l2_clip_norm: PyTree[Float[Array, ""]]
     pre_clipping_transform: Callable | None
@@ -190,28 +212,109 @@ class _ClipExample(eqx.Module):
     return_grad_norms: bool = eqx.field(static=True)
     dtype: DType = eqx.field(static=True)
 
-    def __call__(self, grads: PyTree) -> tuple:
+    def __call__(self, grads: PyTree, is_padding: Any) -> tuple:
         if self.pre_clipping_transform is not None:
             grads = self.pre_clipping_transform(grads)
         if self.dtype is not None:
             grads = jtu.tree_map(
                 lambda g: g.astype(self.dtype) if eqx.is_inexact_array(g) else g, grads
             )
-        clipped, norms = clip_pytree(
-            grads, self.l2_clip_norm, rescale_to_unit_norm=self.rescale_to_unit_norm
-        )
+        scales, norms = clip_scales(grads, self.l2_clip_norm, self.rescale_to_unit_norm)
         finite = jnp.all(jnp.stack([jnp.isfinite(n) for n in jtu.tree_leaves(norms)]))
-        if self.nan_safe:
-            # The whole example goes, not just its non-finite entries: a partial
-            # gradient has no sensitivity bound.
-            clipped = jtu.tree_map(
-                lambda g: jnp.where(finite, g, jnp.zeros_like(g)) if eqx.is_array(g) else g,
-                clipped,
-            )
+        # The whole example goes, not just its non-finite entries: a partial gradient
+        # has no sensitivity bound. Without `nan_safe` a non-finite example poisons the
+        # sum (its scale is 0, but `0 * nan` is nan), unless it is padding.
+        keep = finite if self.nan_safe else jnp.bool_(True)
+        unreadable = ~finite if self.nan_safe else None
         nonfinite = jnp.where(finite, 0.0, 1.0).astype(jnp.float32)
+        if is_padding is not None:
+            keep = keep & ~is_padding
+            padded_nonfinite = ~finite & is_padding
+            unreadable = padded_nonfinite if unreadable is None else unreadable
+            nonfinite = jnp.where(is_padding, 0.0, nonfinite)
+            norms = jtu.tree_map(lambda n: jnp.where(is_padding, 0.0, n), norms)
+        scales = jtu.tree_map(lambda c: jnp.where(keep, c, 0.0), scales)
+        rows = _ScaledRows(grads=grads, scales=scales, unreadable=unreadable)
         if self.return_grad_norms:
-            return clipped, nonfinite, norms
-        return clipped, nonfinite
+            return rows, nonfinite, norms
+        return rows, nonfinite
+
+
+class _ClippedSum(AbstractAccumulator):
+    """Sums clipped gradients given as `_ScaledRows`, folding the clip scales into the
+    contraction over examples: `sum_b scale_b * grad_b` is one dot per leaf, instead of
+    writing a scaled, masked copy of every gradient and summing that. DP-SGD step time
+    / jax_privacy's (`benchmarks/bench_dp.py`): MLP at microbatch 32 0.23 -> 0.13; CNN
+    0.61 -> 0.51 at microbatch 32, 1.06-1.10 -> 0.98-0.99 unmicrobatched. The cost is
+    memory: the per-example gradients are held whole for the `lax.cond` (CNN, batch
+    256, microbatch 32: 7.3 -> 9.0 MiB of temp, jax_privacy 8.2).
+
+    Unreadable rows are skipped only in microbatches that have one, behind that
+    `lax.cond`, so the usual all-finite case reads each gradient once. float32 leaves
+    take the folded path; other dtypes are scaled in float32 and cast back first, as
+    `dp.clip_pytree` does.
+    """
+
+    dtype: DType = eqx.field(default=None, static=True)
+
+    def init(self, example: _ScaledRows, num_microbatches: int) -> Any:
+        return jtu.tree_map(
+            lambda s: _zeros(_drop_leading_axis(s), _carry_dtype(self.dtype, s)),
+            example.grads,
+        )
+
+    def update(self, carry: Any, value: _ScaledRows, index: Any) -> Any:
+        if value.unreadable is None:
+            return self._fold(carry, value)
+        return jax.lax.cond(
+            jnp.any(value.unreadable),
+            lambda: self._fold_readable_rows(carry, value),
+            lambda: self._fold(carry, value),
+        )
+
+    def _fold(self, carry: Any, value: _ScaledRows) -> Any:
+        return jtu.tree_map(
+            lambda total, grads, scales: total + _scaled_sum(grads, scales, total.dtype),
+            carry,
+            value.grads,
+            value.scales,
+        )
+
+    def _fold_readable_rows(self, carry: Any, value: _ScaledRows) -> Any:
+        """The rare branch: one example at a time, skipping unreadable ones. A masked
+        copy of the microbatch fed to the dot would be a second buffer of all its
+        gradients, held whether the branch runs or not (the MLP at batch 256: 1302
+        instead of 657 MiB of temp)."""
+
+        def add_example(b: Any, total: Any) -> Any:
+            readable = ~value.unreadable[b]
+
+            def add_leaf(t: Array, grads: Array, scales: Array) -> Array:
+                row = jax.lax.dynamic_index_in_dim(grads, b, keepdims=False)
+                row = jnp.where(readable, row, jnp.zeros_like(row))
+                scaled = (row.astype(jnp.float32) * scales[b]).astype(row.dtype)
+                return t + scaled.astype(t.dtype)
+
+            return jtu.tree_map(add_leaf, total, value.grads, value.scales)
+
+        num_rows = value.unreadable.shape[0]
+        return jax.lax.fori_loop(0, num_rows, add_example, carry)
+
+    def finalize(self, carry: Any, num_microbatches: int, num_executed: Any) -> Any:
+        return carry
+
+    def aggregate(self, values: _ScaledRows) -> _ScaledRows:
+        return values  # `update` reduces, scales folded in.
+
+
+def _scaled_sum(grads: Array, scales: Array, dtype: Any) -> Array:
+    """`sum_b scales[b] * grads[b]` in `dtype`."""
+    if grads.dtype == jnp.float32:
+        return jax.lax.dot_general(
+            scales, grads, (((0,), (0,)), ((), ())), preferred_element_type=dtype
+        ).astype(dtype)
+    scaled = grads.astype(jnp.float32) * scales.reshape((-1,) + (1,) * (grads.ndim - 1))
+    return _sum_leading_axis(scaled.astype(grads.dtype), dtype)
 
 
 class BoundedSensitivityCallable(AbstractBoundedSensitivityCallable):
@@ -485,12 +588,9 @@ def clipped_grad(
         dtype=dtype,
     )
     accumulator = (
-        (Sum(dtype=dtype), Sum(), Concat())
+        (_ClippedSum(dtype=dtype), Sum(), Concat())
         if return_grad_norms
-        else (
-            Sum(dtype=dtype),
-            Sum(),
-        )
+        else (_ClippedSum(dtype=dtype), Sum())
     )
     grad_fn = micro_grad(
         fun,

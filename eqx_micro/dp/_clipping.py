@@ -28,7 +28,7 @@ def _check_static_clip_norm(path: str, value: Any) -> None:
 
 def _global_norm(tree: Any) -> Float[Array, ""]:
     squares = [
-        jnp.sum(jnp.square(leaf.astype(jnp.float32)))
+        jnp.sum(jnp.square(leaf.astype(jnp.float32).reshape(-1)))
         for leaf in jtu.tree_leaves(tree)
         if eqx.is_array(leaf)
     ]
@@ -89,23 +89,35 @@ def clip_pytree(
         assert norms == {"a": 5.0, "b": 10.0} and (clipped["b"] == layers["b"]).all()
         ```
     """
+    scales, norms = clip_scales(tree, l2_clip_norm, rescale_to_unit_norm)
+    clipped = jtu.tree_map(
+        lambda x, scale: (
+            (x.astype(jnp.float32) * scale).astype(x.dtype) if eqx.is_array(x) else x
+        ),
+        tree,
+        scales,
+    )
+    return clipped, norms
+
+
+def clip_scales(
+    tree: PyTree, l2_clip_norm: PyTree[ClipNorm], rescale_to_unit_norm: bool
+) -> tuple[PyTree, PyTree[Float[Array, ""]]]:
+    """`(scales, norms)` of `clip_pytree`: `scales` is shaped like `tree`, one float32
+    scalar per leaf (the scale of the subtree it belongs to); `norms` is shaped like
+    `l2_clip_norm`. Clipping is `leaf * scale`, so callers may fold the scale into a
+    later product instead of writing the clipped tree."""
     jtu.tree_map_with_path(
         lambda path, c: _check_static_clip_norm(jtu.keystr(path), c), l2_clip_norm
     )
 
-    def clip_subtree(clip, subtree):
+    def subtree_scale(clip, subtree):
         norm = _global_norm(subtree)
         scale = _scale(norm, clip, rescale_to_unit_norm)
-        clipped = jtu.tree_map(
-            lambda x: (
-                (x.astype(jnp.float32) * scale).astype(x.dtype) if eqx.is_array(x) else x
-            ),
-            subtree,
-        )
-        return clipped, norm
+        return jtu.tree_map(lambda x: scale if eqx.is_array(x) else x, subtree), norm
 
     try:
-        pairs = jtu.tree_map(clip_subtree, l2_clip_norm, tree)
+        pairs = jtu.tree_map(subtree_scale, l2_clip_norm, tree)
     except ValueError as error:
         raise ValueError(
             "`l2_clip_norm` must be a number or a PyTree prefix of `tree` (e.g. one "
@@ -113,9 +125,9 @@ def clip_pytree(
         ) from None
     clip_treedef = jtu.tree_structure(l2_clip_norm)
     flat = clip_treedef.flatten_up_to(pairs)
-    clipped_parts = clip_treedef.unflatten([c for c, _ in flat])
-    norms = clip_treedef.unflatten([n for _, n in flat])
-    return clipped_parts, norms
+    scales = clip_treedef.unflatten([scale for scale, _ in flat])
+    norms = clip_treedef.unflatten([norm for _, norm in flat])
+    return scales, norms
 
 
 class ClipL2(eqx.Module):

@@ -36,6 +36,7 @@ import dataclasses
 import functools
 import pathlib
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -367,7 +368,9 @@ def accumulate_section(model_name: str, batch: int, counts, repeats) -> str:
     variants = [plain]
     for n in counts:
         mb = batch // n
-        for mode, unroll in (("loop", False), ("unrolled", True)):
+        # `unroll=k`: k microbatches per loop iteration (they run concurrently).
+        modes = [("loop", False)] + [(f"unroll={k}", k) for k in (2, 4) if k < n]
+        for mode, unroll in [*modes, ("unrolled", True)]:
             f = functools.partial(
                 em.accumulate_gradients, loss_fn, num_microbatches=n, unroll=unroll
             )
@@ -416,7 +419,7 @@ def compile_section(model_name: str, batch: int, counts) -> str:
         "| variant | " + " | ".join(f"{n} mb" for n in counts) + " |",
         "|---|" + "---:|" * len(counts),
     ]
-    for mode, unroll in (("loop", False), ("unrolled", True)):
+    for mode, unroll in (("loop", False), ("loop, unroll=4", 4), ("unrolled", True)):
         cells = []
         for n in counts:
             best = float("inf")
@@ -481,19 +484,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--section", choices=["clip", "accumulate", "compile", "layout", "memory"]
     )
+    parser.add_argument("--models", nargs="+", choices=["mlp", "cnn"])
     args = parser.parse_args(argv)
     sections = (
         [args.section] if args.section else ["clip", "accumulate", "compile", "layout"]
     )
+    models = args.models or ["mlp", "cnn"]
     batches = (64,) if args.quick else (256, 1024)
     repeats = 2 if args.quick else 20
     header = (
         f"jax {jax.__version__}, {jax.device_count()} CPU device(s), "
         f"{len(jax.devices())} XLA devices; `python benchmarks/bench_grad.py"
-        f"{' --quick' if args.quick else ''}`\n"
+        f"{''.join(' ' + a for a in (sys.argv[1:] if argv is None else argv))}`\n"
     )
     parts = [header]
-    for name in ("mlp", "cnn"):
+    for name in models:
         for batch in batches:
             if "clip" in sections:
                 sizes = (None, 16) if args.quick else (None, 32, 64, 256)
@@ -517,7 +522,8 @@ def main(argv: list[str] | None = None) -> None:
     RESULTS.mkdir(exist_ok=True)
     suffix = "-quick" if args.quick else ""
     section = f"-{args.section}" if args.section else ""
-    (RESULTS / f"grad{section}{suffix}.md").write_text("\n".join(parts))
+    only = "-" + "-".join(args.models) if args.models else ""
+    (RESULTS / f"grad{section}{only}{suffix}.md").write_text("\n".join(parts))
 
 
 if __name__ == "__main__":

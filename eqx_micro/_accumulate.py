@@ -118,7 +118,7 @@ def accumulate_gradients(
     has_aux: bool = False,
     accumulator: AbstractAccumulator = Mean(),
     aux_accumulator: AccumulatorTree = Mean(),
-    unroll: bool = False,
+    unroll: bool | int = False,
 ) -> AccumulatedGradients:
     """The gradient of a loss over a large batch, computed one microbatch at a time.
 
@@ -137,26 +137,35 @@ def accumulate_gradients(
         in float32; the gradients are cast back to the parameters' dtypes.
     - The batch must split evenly: no example is ever dropped.
 
-    Loop or unrolled: `unroll=False` (default) runs the microbatches in one `lax` loop:
-    memory holds one microbatch and compile time does not grow with their number. On
-    CPU the loop computes convolutions channels-last (XLA:CPU leaves a convolution
-    inside a loop in the layout it was written in, which is about 3x slower), so
-    convolutional models run in the loop as fast as at the top level. `unroll=True`
-    writes the microbatches out as straight-line code, which on CPU keeps batch-sized
-    buffers and compiles in time proportional to the number of microbatches. Measured
-    on 2 shared CPU cores at batch 1024 with 4 microbatches
-    (`benchmarks/bench_grad.py`), as time and XLA temp memory relative to the plain
-    full-batch step:
+    Loop or unrolled: `unroll=False` (default) runs the microbatches one at a time in
+    one `lax` loop: memory holds one microbatch and compile time does not grow with
+    their number. On CPU the loop computes convolutions channels-last (XLA:CPU leaves a
+    convolution inside a loop in the layout it was written in, which is about 3x
+    slower), so convolutional models run in the loop as fast as at the top level.
+    `unroll=True` writes every microbatch out as straight-line code: XLA:CPU then runs
+    independent microbatches concurrently on its threads, which pays when each
+    microbatch is too small to keep the cores busy, at the price of several
+    microbatches' buffers alive at once and compile time proportional to their number.
+    `unroll=k` (an int) writes `k` microbatches per loop iteration: straight-line code
+    when there are at most `k`, otherwise a loop whose compile time stays flat. Measured
+    on 2 CPU cores (`benchmarks/bench_grad.py`), time and XLA temp memory relative to
+    the plain full-batch step:
 
-    | model | loop | unrolled | plain temp |
-    |---|---|---|---|
-    | MLP 784-512-512-10 | 0.91x, 3.3 MiB | 0.88x, 10.2 MiB | 8.0 MiB |
-    | MNIST CNN (2 conv) | 0.80-0.83x, 49.4 MiB | 0.87-0.88x, 160.7 MiB | 185 MiB |
+    | MLP 784-512-512-10, x plain | loop | `unroll=2` | `unroll=4` | unrolled |
+    |---|---|---|---|---|
+    | batch 256, 4 x 64 | 1.32-1.37 | 1.07-1.22 | = unrolled | 0.94-1.08 |
+    | batch 1024, 4 x 256 | 0.91-1.19 | 1.03 | = unrolled | 0.88-1.01 |
+    | batch 1024, 16 x 64 | 1.36-1.63 | 1.21-1.37 | 1.22-1.29 | 1.09-1.10 |
+    | temp MiB, 64-example microbatches | 1.8 | 3.5 | 6.6 | 4.9 / 23.5 |
 
-    CNN at batch 1024 from 2 to 128 microbatches: the loop takes 0.71-0.90x of the
-    plain step with 95.8 to 4.6 MiB of temp memory and compiles in 2.3-4.7 s; unrolled,
-    0.84-0.95x with 148-168 MiB, and compile time grows from 2.7 s to 34 s. Keep the
-    loop; unrolling only saves loop overhead for small models at a few microbatches.
+    (Plain step temp: 1.0 MiB at batch 256, 8.0 at 1024; the unrolled column holds 4 /
+    16 microbatches.) Compile time at batch 1024, 2 to 128 microbatches: loop 0.8-1.0
+    s, `unroll=4` 0.6-1.3 s, unrolled 0.7 s rising to 16.7 s. The MNIST CNN (2 conv)
+    in the loop takes 0.71-0.90x of the plain step at batch 1024 from 2 to 128
+    microbatches, with 95.8 to 4.6 MiB of temp memory (plain: 185); unrolling it does
+    not help. Keep the loop when memory is what you accumulate for; `unroll=4` buys up
+    to ~25% of step time on small microbatches of small models for a few microbatches'
+    memory.
 
     **Arguments:**
 
@@ -173,7 +182,8 @@ def accumulate_gradients(
     - `has_aux`: whether `loss_fn` returns auxiliary outputs (metrics).
     - `accumulator`: how the loss and gradients combine (default `Mean()`).
     - `aux_accumulator`: how `aux` combines (default `Mean()`; any PyTree prefix).
-    - `unroll`: run the microbatches unrolled instead of in a loop (see above).
+    - `unroll`: `False` (a loop), `True` (straight-line code), or an int: that many
+        microbatches per loop iteration (see above).
 
     **Returns:**
 
@@ -227,6 +237,11 @@ def accumulate_gradients(
             )
         microbatch_size = batch_size // num_microbatches
     microbatch_size = check_microbatch_size(microbatch_size, "accumulate_gradients")
+    if not isinstance(unroll, bool) and (not isinstance(unroll, int) or unroll < 1):
+        raise ValueError(
+            "`accumulate_gradients` needs `unroll` to be True, False, or a positive int "
+            f"(microbatches per loop iteration); got unroll={unroll!r}."
+        )
     _check_keywords(loss_fn, key, state)
 
     def per_microbatch(minibatch, index, threaded):

@@ -7,11 +7,11 @@
 2. trace the per-microbatch function once (`eqx.filter_make_jaxpr`), so the loop body
    replays that jaxpr and non-array outputs never enter the loop carry; on CPU the
    replay computes convolutions channels-last (see `_channels_last.py`);
-3. run the microbatches in one `lax.fori_loop` (bounded by early stopping, if any), or
-   unrolled, folding each result into the accumulators' carry and threading an optional
-   carried value (e.g. `eqx.nn.State`) from one microbatch to the next (for per-example
-   results, `Sum` and `Mean` reduce large leaves straight into the carry a block of rows
-   at a time: `_FoldInChunks`);
+3. run the microbatches in one `lax.fori_loop` (bounded by early stopping, if any),
+   optionally several per iteration, or unrolled, folding each result into the
+   accumulators' carry and threading an optional carried value (e.g. `eqx.nn.State`)
+   from one microbatch to the next (for per-example results, `Sum` and `Mean` reduce
+   large leaves straight into the carry a block of rows at a time: `_FoldInChunks`);
 4. finalize the accumulators and put the non-array outputs back.
 """
 
@@ -375,7 +375,7 @@ def call_microbatched(
     num_real_microbatches: Any = None,
     is_padding_example: Any = None,
     threaded: Any = None,
-    unroll: bool = False,
+    unroll: bool | int = False,
     param_names: Sequence[str] = (),
     caller: str,
     argument: str = "accumulator",
@@ -394,8 +394,9 @@ def call_microbatched(
     - `accumulators`: canonical accumulator tree, a prefix of the output.
     - `num_real_microbatches`, `is_padding_example`: early stopping.
     - `threaded`: the initial threaded value (None for none).
-    - `unroll`: run the microbatches as straight-line code instead of a loop (when
-        their number is static; a run-time bound always loops).
+    - `unroll`: `True` runs the microbatches as straight-line code instead of a loop;
+        an int `k` runs `k` of them per loop iteration (`lax.fori_loop(unroll=k)`). Both
+        need a static number of microbatches; a run-time bound loops one at a time.
 
     **Returns:**
 
@@ -445,7 +446,8 @@ def call_microbatched(
         return acc_carry, threaded_out
 
     carry = (init, threaded_arrays)
-    if isinstance(bound, int) and (unroll or bound <= 1):
+    per_iteration = 1 if isinstance(unroll, bool) else unroll
+    if isinstance(bound, int) and (unroll is True or bound <= per_iteration):
         # Straight-line code: XLA compiles each microbatch at top level.
         for index in range(bound):
             carry = body(jnp.int32(index), carry)
@@ -455,6 +457,10 @@ def call_microbatched(
         # blocks XLA's fusions across it (a CNN clipped sum ran ~6% slower).
         ran = body(jnp.int32(0), carry)
         carry = jtu.tree_map(lambda new, old: jnp.where(bound > 0, new, old), ran, carry)
+    elif isinstance(bound, int) and per_iteration > 1:
+        # Independent microbatches written out in one iteration run concurrently on
+        # XLA:CPU's threads; compile time grows with `unroll`, not with `bound`.
+        carry = jax.lax.fori_loop(0, bound, body, carry, unroll=per_iteration)
     else:
         carry = jax.lax.fori_loop(0, bound, body, carry)
     acc_carry, threaded_arrays = carry

@@ -27,7 +27,7 @@ def mean_loss(model, batch):
 
 
 @pytest.mark.parametrize("num_microbatches", [1, 2, 3, 12])
-@pytest.mark.parametrize("unroll", [True, False])
+@pytest.mark.parametrize("unroll", [True, False, 2, 5])
 def test_mean_loss_gradient_equals_full_batch(num_microbatches, unroll, getkey):
     model, batch = make_problem(getkey())
     out = eqx.filter_jit(
@@ -144,7 +144,7 @@ def batchnorm_loss(model, batch, *, state):
     return jnp.mean((preds - batch["y"]) ** 2), state
 
 
-@pytest.mark.parametrize("unroll", [True, False])
+@pytest.mark.parametrize("unroll", [True, False, 3])
 def test_state_is_threaded_in_order(unroll, getkey):
     model, state = eqx.nn.make_with_state(BatchNormNet)(getkey())
     _, batch = make_problem(getkey(), batch_size=8)
@@ -200,8 +200,46 @@ def test_microbatch_of_grad_equals_grad_of_microbatch(accumulator, getkey):
     assert_tree_allclose(inner, outer)
 
 
+@pytest.mark.parametrize("unroll", [2, 3])
+def test_integer_unroll_writes_that_many_microbatches_per_iteration(unroll, getkey):
+    """12 microbatches, `unroll` per loop iteration: one `scan` over the 12 with
+    `unroll` set (XLA writes that many microbatches per iteration), and each
+    microbatch still gets its own key."""
+    model, batch = make_problem(getkey())
+    key = jax.random.key(3)
+
+    def loss(model, batch, *, key):
+        return mean_loss(model, batch), jax.random.key_data(key)[None]
+
+    def accumulate(model, batch):
+        return em.accumulate_gradients(
+            loss,
+            model,
+            batch,
+            num_microbatches=12,
+            key=key,
+            has_aux=True,
+            aux_accumulator=em.Concat(),
+            unroll=unroll,
+        )
+
+    out = eqx.filter_jit(accumulate)(model, batch)
+    expected = jnp.stack(
+        [jax.random.key_data(jax.random.fold_in(key, i)) for i in range(12)]
+    )
+    assert (out.aux == expected).all()
+    jaxpr = jax.make_jaxpr(lambda: accumulate(model, batch))()
+    (scan,) = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
+    assert scan.params["length"] == 12 and scan.params["unroll"] == unroll
+
+
 def test_accumulation_errors(getkey):
     model, batch = make_problem(getkey(), batch_size=10)
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match="`unroll` to be True, False, or a positive"):
+            em.accumulate_gradients(
+                mean_loss, model, batch, num_microbatches=2, unroll=bad
+            )
     with pytest.raises(ValueError, match="does not split into `num_microbatches=4`"):
         em.accumulate_gradients(mean_loss, model, batch, num_microbatches=4)
     with pytest.raises(ValueError, match="not divisible by `microbatch_size=4`"):

@@ -245,7 +245,7 @@ class _ClippedSum(AbstractAccumulator):
     contraction over examples: `sum_b scale_b * grad_b` is one dot per leaf, instead of
     writing a scaled, masked copy of every gradient and summing that. DP-SGD step time
     / jax_privacy's (`benchmarks/bench_dp.py`): MLP at microbatch 32 0.23 -> 0.13; CNN
-    0.61 -> 0.51 at microbatch 32, 1.06-1.10 -> 0.98-0.99 unmicrobatched. The cost is
+    0.61 -> 0.45-0.51 at microbatch 32, 1.06-1.10 -> 0.95-0.99 unmicrobatched. The cost is
     memory: the per-example gradients are held whole for the `lax.cond` (CNN, batch
     256, microbatch 32: 7.3 -> 9.0 MiB of temp, jax_privacy 8.2).
 

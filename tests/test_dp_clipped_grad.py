@@ -196,8 +196,7 @@ def test_padded_nonfinite_example_is_neither_summed_nor_counted():
 @pytest.mark.parametrize("nan_safe", [True, False])
 def test_nonfinite_rows_of_a_large_layer(getkey, microbatch_size, nan_safe):
     """The clip scales are folded into the sum, so a dropped or padded non-finite
-    example must be kept out of it (`0 * nan` is nan), in a layer large enough (352
-    KiB) for the engine's row-block folding had it been a `Sum`."""
+    example must be kept out of it (`0 * nan` is nan), at the top level and in loops."""
     model = eqx.nn.Sequential(
         [
             eqx.nn.Linear(300, 300, key=getkey()),

@@ -229,8 +229,8 @@ class _ClipExample(AbstractPaddingAwareTransform):
         nonfinite = jnp.where(finite, 0.0, 1.0).astype(jnp.float32)
         if is_padding is not None:
             keep = keep & ~is_padding
-            padded_nonfinite = ~finite & is_padding
-            unreadable = padded_nonfinite if unreadable is None else unreadable
+            if unreadable is None:
+                unreadable = ~finite & is_padding
             nonfinite = jnp.where(is_padding, 0.0, nonfinite)
             norms = jtu.tree_map(lambda n: jnp.where(is_padding, 0.0, n), norms)
         scales = jtu.tree_map(lambda c: jnp.where(keep, c, 0.0), scales)
@@ -312,7 +312,7 @@ def _scaled_sum(grads: Array, scales: Array, dtype: Any) -> Array:
     if grads.dtype == jnp.float32:
         return jax.lax.dot_general(
             scales, grads, (((0,), (0,)), ((), ())), preferred_element_type=dtype
-        ).astype(dtype)
+        )
     scaled = grads.astype(jnp.float32) * scales.reshape((-1,) + (1,) * (grads.ndim - 1))
     return _sum_leading_axis(scaled.astype(grads.dtype), dtype)
 

@@ -15,8 +15,22 @@ from ._accumulators import (
     is_accumulator,
     Mean,
 )
-from ._batch_axis import check_microbatch_size
-from ._engine import broadcast_axes, call_microbatched, signature_of
+from ._arguments import (
+    broadcast_axes,
+    Caller,
+    check_callable,
+    check_key,
+    check_positive_int,
+    signature_of,
+)
+from ._engine import call_microbatched
+
+
+_ACCUMULATE = Caller(
+    "accumulate_gradients",
+    "`batch`",
+    "keep it out of `batch` (close over it in `loss_fn`)",
+)
 
 
 class AccumulatedGradients(eqx.Module):
@@ -139,33 +153,13 @@ def accumulate_gradients(
 
     Loop or unrolled: `unroll=False` (default) runs the microbatches one at a time in
     one `lax` loop: memory holds one microbatch and compile time does not grow with
-    their number. On CPU the loop computes convolutions channels-last (XLA:CPU leaves a
-    convolution inside a loop in the layout it was written in, which is about 3x
-    slower), so convolutional models run in the loop as fast as at the top level.
-    `unroll=True` writes every microbatch out as straight-line code: XLA:CPU then runs
-    independent microbatches concurrently on its threads, which pays when each
-    microbatch is too small to keep the cores busy, at the price of several
+    their number. `unroll=True` writes every microbatch out as straight-line code, so
+    the compiler may run independent microbatches concurrently, at the price of several
     microbatches' buffers alive at once and compile time proportional to their number.
     `unroll=k` (an int) writes `k` microbatches per loop iteration: straight-line code
-    when there are at most `k`, otherwise a loop whose compile time stays flat. Measured
-    on 2 CPU cores (`benchmarks/bench_grad.py`), time and XLA temp memory relative to
-    the plain full-batch step:
-
-    | MLP 784-512-512-10, x plain | loop | `unroll=2` | `unroll=4` | unrolled |
-    |---|---|---|---|---|
-    | batch 256, 4 x 64 | 1.32-1.37 | 1.07-1.22 | = unrolled | 0.94-1.08 |
-    | batch 1024, 4 x 256 | 0.91-1.19 | 1.03 | = unrolled | 0.88-1.01 |
-    | batch 1024, 16 x 64 | 1.36-1.63 | 1.21-1.37 | 1.22-1.29 | 1.09-1.10 |
-    | temp MiB, 64-example microbatches | 1.8 | 3.5 | 6.6 | 4.9 / 23.5 |
-
-    (Plain step temp: 1.0 MiB at batch 256, 8.0 at 1024; the unrolled column holds 4 /
-    16 microbatches.) Compile time at batch 1024, 2 to 128 microbatches: loop 0.8-1.0
-    s, `unroll=4` 0.6-1.3 s, unrolled 0.7 s rising to 16.7 s. The MNIST CNN (2 conv)
-    in the loop takes 0.71-0.90x of the plain step at batch 1024 from 2 to 128
-    microbatches, with 95.8 to 4.6 MiB of temp memory (plain: 185); unrolling it does
-    not help. Keep the loop when memory is what you accumulate for; `unroll=4` buys up
-    to ~25% of step time on small microbatches of small models for a few microbatches'
-    memory.
+    when there are at most `k`, otherwise a loop whose compile time stays flat. Keep the
+    loop when memory is what you accumulate for; the measured trade-off is in the
+    [gradients guide](../concepts/gradients.md) and `benchmarks/results/`.
 
     **Arguments:**
 
@@ -176,7 +170,8 @@ def accumulate_gradients(
         respect to its inexact arrays, as `eqx.filter_grad` does.
     - `batch`: a PyTree whose array leaves share a leading batch axis; non-array leaves
         reach `loss_fn` unchanged.
-    - `microbatch_size` / `num_microbatches`: exactly one of them.
+    - `microbatch_size` / `num_microbatches`: at most one of them; with neither, the
+        whole batch is one microbatch.
     - `key`: optional PRNG key, split per microbatch.
     - `state`: optional state threaded through the microbatches.
     - `has_aux`: whether `loss_fn` returns auxiliary outputs (metrics).
@@ -209,12 +204,15 @@ def accumulate_gradients(
         assert jnp.allclose(out.grads.weight, full.weight, rtol=1e-5)
         ```
     """
-    if (microbatch_size is None) == (num_microbatches is None):
+    check_callable(loss_fn, "loss_fn", "accumulate_gradients")
+    if microbatch_size is not None and num_microbatches is not None:
         raise TypeError(
-            "`accumulate_gradients` needs exactly one of `microbatch_size` and "
-            f"`num_microbatches`; got microbatch_size={microbatch_size}, "
+            "`accumulate_gradients` takes one of `microbatch_size` and "
+            f"`num_microbatches`, not both; got microbatch_size={microbatch_size}, "
             f"num_microbatches={num_microbatches}."
         )
+    if key is not None:
+        check_key(key, "key", "accumulate_gradients")
     if not is_accumulator(accumulator):
         raise TypeError(
             "`accumulate_gradients` needs `accumulator` to be one accumulator (it "
@@ -227,7 +225,9 @@ def accumulate_gradients(
         )
     batch_size = batch_arrays[0].shape[0]
     if num_microbatches is not None:
-        num_microbatches = check_microbatch_size(num_microbatches, "accumulate_gradients")
+        num_microbatches = check_positive_int(
+            num_microbatches, "num_microbatches", "accumulate_gradients"
+        )
         if batch_size % num_microbatches != 0:
             raise ValueError(
                 f"`accumulate_gradients` got a batch of {batch_size} examples, which "
@@ -236,7 +236,10 @@ def accumulate_gradients(
                 f"divisor of {batch_size}."
             )
         microbatch_size = batch_size // num_microbatches
-    microbatch_size = check_microbatch_size(microbatch_size, "accumulate_gradients")
+    if microbatch_size is not None:
+        microbatch_size = check_positive_int(
+            microbatch_size, "microbatch_size", "accumulate_gradients"
+        )
     if not isinstance(unroll, bool) and (not isinstance(unroll, int) or unroll < 1):
         raise ValueError(
             "`accumulate_gradients` needs `unroll` to be True, False, or a positive int "
@@ -275,7 +278,7 @@ def accumulate_gradients(
         threaded=state,
         unroll=unroll,
         param_names=("batch",),
-        caller="accumulate_gradients",
+        caller=_ACCUMULATE,
         argument="aux_accumulator",
     )
     return AccumulatedGradients(

@@ -15,7 +15,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, ArrayLike, PyTree
 
-from ._custom_types import StaticInt
+from ._arguments import check_positive_int
 
 
 def num_microbatches_for(
@@ -31,20 +31,6 @@ def num_microbatches_for(
             f"{batch_size}."
         )
     return batch_size // microbatch_size
-
-
-def check_microbatch_size(microbatch_size: Any, caller: str) -> int:
-    if isinstance(microbatch_size, bool) or not isinstance(microbatch_size, StaticInt):
-        raise TypeError(
-            f"`{caller}` needs `microbatch_size` to be a Python int (or None), got "
-            f"{microbatch_size!r} of type {type(microbatch_size).__name__}."
-        )
-    if microbatch_size <= 0:
-        raise ValueError(
-            f"`{caller}` got `microbatch_size={microbatch_size}`; it must be a positive "
-            "number of examples per microbatch (or None to not microbatch)."
-        )
-    return int(microbatch_size)
 
 
 def _explicit_shards(x: Any, axis: int) -> int:
@@ -116,7 +102,9 @@ def reshape_batch_axis(
         assert split.tolist() == [[0, 3], [1, 4], [2, 5]]
         ```
     """
-    microbatch_size = check_microbatch_size(microbatch_size, "reshape_batch_axis")
+    microbatch_size = check_positive_int(
+        microbatch_size, "microbatch_size", "reshape_batch_axis"
+    )
     leaves = jtu.tree_flatten_with_path(tree)[0]
     sizes = {}
     for path, leaf in leaves:

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Int
 
-from ._batch_axis import check_microbatch_size, num_microbatches_for
+from ._arguments import check_positive_int
+from ._batch_axis import num_microbatches_for
 
 
 def compute_early_stopping_order(
@@ -50,7 +51,9 @@ def compute_early_stopping_order(
         raise ValueError(f"`batch_size` must be >= 0, got {batch_size}.")
     if microbatch_size is None:
         return np.arange(batch_size)
-    microbatch_size = check_microbatch_size(microbatch_size, "compute_early_stopping_order")
+    microbatch_size = check_positive_int(
+        microbatch_size, "microbatch_size", "compute_early_stopping_order"
+    )
     num_microbatches_for(
         batch_size, microbatch_size, "batch_size", "compute_early_stopping_order"
     )
@@ -69,7 +72,7 @@ def validate_padding_mask(
     is_padding_example: Any, batch_size: int | None, caller: str
 ) -> Array:
     """Checks `is_padding_example` is a boolean vector of the batch's length."""
-    if not hasattr(is_padding_example, "dtype"):
+    if not isinstance(is_padding_example, jax.Array | np.ndarray):
         is_padding_example = np.asarray(is_padding_example)
     if is_padding_example.dtype != np.bool_:
         raise TypeError(
@@ -127,7 +130,9 @@ def count_real_microbatches(
     batch_size = mask.shape[0]
     if microbatch_size is None:
         microbatch_size = max(batch_size, 1)
-    microbatch_size = check_microbatch_size(microbatch_size, "count_real_microbatches")
+    microbatch_size = check_positive_int(
+        microbatch_size, "microbatch_size", "count_real_microbatches"
+    )
     num_microbatches = num_microbatches_for(
         batch_size, microbatch_size, "is_padding_example", "count_real_microbatches"
     )
@@ -179,7 +184,9 @@ def verify_early_stopping_order(
     batch_size = mask.shape[0]
     if microbatch_size is None or batch_size == 0:
         return True
-    microbatch_size = check_microbatch_size(microbatch_size, "verify_early_stopping_order")
+    microbatch_size = check_positive_int(
+        microbatch_size, "microbatch_size", "verify_early_stopping_order"
+    )
     num_microbatches = num_microbatches_for(
         batch_size, microbatch_size, "is_padding_example", "verify_early_stopping_order"
     )

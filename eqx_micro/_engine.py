@@ -5,18 +5,16 @@
 1. check the batched leaves of the inputs and split each batch axis column-major into
    `(microbatch_size, num_microbatches)` (see `_batch_axis.py`);
 2. trace the per-microbatch function once (`eqx.filter_make_jaxpr`), so the loop body
-   replays that jaxpr and non-array outputs never enter the loop carry; on CPU the
-   replay computes convolutions channels-last (see `_channels_last.py`);
+   replays that jaxpr (through the backend seam, `_backend.replay`) and non-array
+   outputs never enter the loop carry;
 3. run the microbatches in one `lax.fori_loop` (bounded by early stopping, if any),
    optionally several per iteration, or unrolled, folding each result into the
    accumulators' carry and threading an optional carried value (e.g. `eqx.nn.State`)
-   from one microbatch to the next (for per-example results, `Sum` and `Mean` reduce
-   large leaves straight into the carry a block of rows at a time: `_FoldInChunks`);
+   from one microbatch to the next;
 4. finalize the accumulators and put the non-array outputs back.
 """
 
 import abc
-import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,8 +22,10 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 from jaxtyping import Array, PyTree
 
+from . import _backend
 from ._accumulators import (
     AbstractAccumulator,
     canonicalize_accumulators,
@@ -34,13 +34,10 @@ from ._accumulators import (
     Mean,
     Sum,
 )
+from ._arguments import Caller, describe_leaf, PADDING
 from ._batch_axis import num_microbatches_for, split_batch_axis
-from ._channels_last import replay_channels_last
 from ._custom_types import StaticInt
 from ._early_stopping import count_real_microbatches, validate_padding_mask
-
-
-PADDING = "is_padding_example"
 
 
 class AbstractTransformed(eqx.Module):
@@ -65,81 +62,6 @@ class AbstractTransformed(eqx.Module):
         if instance is None:
             return self
         return jtu.Partial(self, instance)
-
-
-def padding_mask(fun: Callable, kwargs: dict, caller: str) -> Any:
-    """The `is_padding_example` keyword, checked to reach a `fun` that takes it."""
-    mask = kwargs.get(PADDING)
-    if mask is not None and not accepts_keyword(signature_of(fun), PADDING):
-        raise TypeError(
-            f"`is_padding_example` was passed, but the function given to `{caller}` "
-            "takes no `is_padding_example` keyword, so padded examples would be "
-            "counted. Add that parameter to the function (and make padded examples "
-            "contribute nothing), or pass `num_real_microbatches` instead."
-        )
-    return mask
-
-
-# Naming arguments in error messages.
-
-
-def signature_of(fun: Callable) -> inspect.Signature | None:
-    try:
-        return inspect.signature(fun)
-    except (TypeError, ValueError):  # Some builtins and C callables have none.
-        return None
-
-
-def _describe_leaf(path: tuple, param_names: Sequence[str]) -> str:
-    """`(args, kwargs)` key path -> `x['a']`, the way the user passed it."""
-    group, key, *rest = path
-    if group.idx == 0:
-        index = key.idx
-        head = param_names[index] if index < len(param_names) else f"args[{index}]"
-    else:
-        head = str(key.key)
-    return head + jtu.keystr(tuple(rest))
-
-
-def positional_names(signature: inspect.Signature | None) -> list[str]:
-    if signature is None:
-        return []
-    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return [p.name for p in signature.parameters.values() if p.kind in kinds]
-
-
-def accepts_keyword(signature: inspect.Signature | None, name: str) -> bool:
-    if signature is None:
-        return True
-    for parameter in signature.parameters.values():
-        if parameter.kind == inspect.Parameter.VAR_KEYWORD:
-            return True
-        if parameter.name == name and parameter.kind in (
-            inspect.Parameter.POSITIONAL_OR_KEYWORD,
-            inspect.Parameter.KEYWORD_ONLY,
-        ):
-            return True
-    return False
-
-
-def broadcast_axes(axes: Any, inputs: Any, caller: str, argument: str) -> Any:
-    """Expands an axis prefix tree to one axis (or None) per leaf of `inputs`."""
-
-    def expand(axis, subtree):
-        if axis is not None and (isinstance(axis, bool) or not isinstance(axis, int)):
-            raise TypeError(
-                f"`{caller}` got {axis!r} in `{argument}`; each entry must be an int "
-                "axis, None, or a PyTree prefix of the argument with those as leaves."
-            )
-        return jtu.tree_map(lambda leaf: axis if eqx.is_array(leaf) else None, subtree)
-
-    try:
-        return jtu.tree_map(expand, axes, inputs, is_leaf=lambda x: x is None)
-    except ValueError as error:
-        raise ValueError(
-            f"`{caller}`: `{argument}` must be an int, None, or a PyTree prefix of the "
-            f"batched arguments; its structure does not match them ({error})."
-        ) from None
 
 
 class _Split(eqx.Module):
@@ -182,7 +104,7 @@ def _split_inputs(
     axes: Any,
     microbatch_size: int | None,
     param_names: Sequence[str],
-    caller: str,
+    caller: Caller,
 ) -> tuple[_Split, int, int]:
     """Checks the batched leaves and splits them; returns (split, batch, mbs)."""
     flat, treedef = jtu.tree_flatten_with_path(inputs)
@@ -193,17 +115,18 @@ def _split_inputs(
         if axis is None:
             normalized.append(None)
             continue
-        where = _describe_leaf(path, param_names)
+        where = describe_leaf(path, param_names)
         if leaf.ndim == 0:
             raise ValueError(
-                f"`{caller}` got a 0-d array in the batched argument `{where}`; a "
-                "batched array needs a batch axis. Give it one, or do not mark this "
-                "argument as batched (use `in_axes=None` for it)."
+                f"`{caller.name}` got a 0-d array in the batched argument `{where}`; a "
+                "batched array needs a batch axis. Give it one, or "
+                f"{caller.unbatch}."
             )
         if not -leaf.ndim <= axis < leaf.ndim:
             raise ValueError(
-                f"`{caller}` got batch axis {axis} for `{where}`, which has shape "
-                f"{tuple(leaf.shape)}; pass an `in_axes` within its {leaf.ndim} axes."
+                f"`{caller.name}` got batch axis {axis} for `{where}`, which has shape "
+                f"{tuple(leaf.shape)}; pick an axis within its {leaf.ndim} axes in "
+                f"{caller.mark}."
             )
         axis = axis % leaf.ndim
         normalized.append(axis)
@@ -211,26 +134,26 @@ def _split_inputs(
     mask_size = sizes.pop(PADDING, None)
     if not sizes:
         raise ValueError(
-            f"`{caller}` found no arrays to split in the batched arguments. Mark at "
-            "least one argument holding arrays as batched (`argnums`/`argnames`/"
-            "`in_axes`)."
+            f"`{caller.name}` found no arrays to split in the batched arguments. Mark "
+            f"at least one argument holding arrays as batched ({caller.mark})."
         )
     if len(set(sizes.values())) > 1:
         seen = ", ".join(f"{size} in `{where}`" for where, size in sizes.items())
         raise ValueError(
-            f"`{caller}` needs every batched array to have the same batch size; got "
-            f"{seen}. Give them the same number of examples, or pass `in_axes=None` "
-            "for the arguments that are not batched."
+            f"`{caller.name}` needs every batched array to have the same batch size; "
+            f"got {seen}. Give them the same number of examples, or, for an argument "
+            f"that is not batched, {caller.unbatch}."
         )
     where, batch_size = next(iter(sizes.items()))
     if mask_size is not None and mask_size != batch_size:
         raise ValueError(
-            f"`{caller}` got `is_padding_example` of length {mask_size} for a batch of "
+            f"`{caller.name}` got `is_padding_example` of length {mask_size} for a "
+            f"batch of "
             f"{batch_size} examples; give one flag per example."
         )
     if microbatch_size is None:  # One microbatch of the whole batch.
         microbatch_size = max(batch_size, 1)
-    num_microbatches = num_microbatches_for(batch_size, microbatch_size, where, caller)
+    num_microbatches = num_microbatches_for(batch_size, microbatch_size, where, caller.name)
     axes = treedef.unflatten(normalized)
 
     def split(axis, leaf):
@@ -263,7 +186,10 @@ def _loop_bound(
         n = num_real_microbatches
         if isinstance(n, bool) or not (
             isinstance(n, StaticInt)
-            or (hasattr(n, "dtype") and jnp.issubdtype(n.dtype, jnp.integer))
+            or (
+                isinstance(n, jax.Array | np.ndarray | np.generic)
+                and jnp.issubdtype(n.dtype, jnp.integer)
+            )
         ):
             raise TypeError(
                 f"`{caller}` needs `num_real_microbatches` to be an int or an integer "
@@ -309,7 +235,7 @@ def _trace_once(fun: Callable, *example: Any) -> tuple[Callable, Any, Any]:
     (non-array outputs are `None`); `out_static` holds the non-array outputs.
     """
     closed_jaxpr, out_struct, out_static = eqx.filter_make_jaxpr(fun)(*example)
-    replay = replay_channels_last(closed_jaxpr)
+    replay = _backend.replay(closed_jaxpr)
     out_leaves, out_treedef = jtu.tree_flatten(out_struct)
 
     def call(*inputs: Any) -> Any:
@@ -377,7 +303,7 @@ def call_microbatched(
     threaded: Any = None,
     unroll: bool | int = False,
     param_names: Sequence[str] = (),
-    caller: str,
+    caller: Caller,
     argument: str = "accumulator",
 ) -> tuple[Any, Any]:
     """Runs `per_microbatch` over the microbatches of `inputs` and accumulates.
@@ -403,7 +329,7 @@ def call_microbatched(
     `(accumulated output, final threaded value)`.
     """
     if is_padding_example is not None:
-        validate_padding_mask(is_padding_example, None, caller)
+        validate_padding_mask(is_padding_example, None, caller.name)
     split, batch_size, microbatch_size = _split_inputs(
         inputs, axes, microbatch_size, param_names, caller
     )
@@ -414,7 +340,7 @@ def call_microbatched(
         batch_size,
         microbatch_size,
         num_microbatches,
-        caller,
+        caller.name,
     )
 
     index_struct = jax.ShapeDtypeStruct((), jnp.int32)
@@ -424,7 +350,7 @@ def call_microbatched(
     threaded_arrays, _ = eqx.partition(threaded, eqx.is_array)
     threaded_arrays = jtu.tree_map(lambda x: _strong(jnp.asarray(x)), threaded_arrays)
     if threaded is not None:
-        _check_threaded(threaded, threaded_struct, threaded_static, caller)
+        _check_threaded(threaded, threaded_struct, threaded_static, caller.name)
     init = map_accumulators(
         lambda acc, s: acc.init(s, num_microbatches),
         accumulators,
@@ -451,10 +377,11 @@ def call_microbatched(
         # Straight-line code: XLA compiles each microbatch at top level.
         for index in range(bound):
             carry = body(jnp.int32(index), carry)
-    elif num_microbatches == 1:
-        # One microbatch whose run depends on a traced bound (a padding mask): run it
-        # at top level and keep the result only if the bound is 1. A one-trip loop
-        # blocks XLA's fusions across it (a CNN clipped sum ran ~6% slower).
+    elif num_microbatches == 1 and _backend.enabled(
+        _backend.Tweak.SINGLE_MICROBATCH_INLINE
+    ):
+        # One microbatch with a traced bound (a padding mask): run it at top level and
+        # keep its result only if the bound is 1.
         ran = body(jnp.int32(0), carry)
         carry = jtu.tree_map(lambda new, old: jnp.where(bound > 0, new, old), ran, carry)
     elif isinstance(bound, int) and per_iteration > 1:
@@ -474,29 +401,19 @@ def call_microbatched(
     return output, eqx.combine(threaded_arrays, threaded_static)
 
 
-# Carry leaves above this size fold a microbatch in row chunks (`_FoldInChunks`).
-_CHUNK_BYTES = 256 * 1024
-_MAX_CHUNKS = 8
-
-
 class _FoldInChunks(AbstractAccumulator):
-    """`Sum` or `Mean` with the microbatch's reduction done in the carry update.
-
-    XLA:CPU writes a contraction's output to a fresh buffer before adding it to the
-    loop carry, so a per-example sum of gradients holds one extra copy of its largest
-    leaf (1.5 MiB for a 784x512 layer, more than optax's whole overhead). Reducing and
-    adding one block of rows at a time into the carry bounds that copy by the block
-    size. `aggregate` passes the stacked values through; `update` reduces them.
-    """
+    """`Sum` or `Mean` of per-example values, reduced inside the carry update a block of
+    rows at a time (as many rows as the backend asks for: `_backend.rows_per_chunk`).
+    `aggregate` passes the stacked values through; `update` reduces them."""
 
     inner: AbstractAccumulator
 
     def init(self, example: PyTree[jax.ShapeDtypeStruct], num_microbatches: int) -> Any:
-        return self.inner.init(jtu.tree_map(_drop_leading_axis, example), num_microbatches)
+        return self.inner.init(jtu.tree_map(drop_leading_axis, example), num_microbatches)
 
     def update(self, carry: Any, value: PyTree[Array], index: Any) -> Any:
         def fold(c: Array, v: Array) -> Array:
-            rows = _rows_per_chunk(c)
+            rows = _backend.rows_per_chunk(c)
             if rows is None:
                 return self.inner.update(c, self.inner.aggregate(v), index)
             for start in range(0, c.shape[0], rows):
@@ -515,8 +432,9 @@ class _FoldInChunks(AbstractAccumulator):
         return values
 
 
-def _drop_leading_axis(struct: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
-    sharding = getattr(struct, "sharding", None)
+def drop_leading_axis(struct: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+    """The struct of one row of `struct` (keeping a named sharding of the rest)."""
+    sharding = struct.sharding
     if isinstance(sharding, jax.sharding.NamedSharding):
         spec = jax.sharding.PartitionSpec(*tuple(sharding.spec)[1:])
         sharding = jax.sharding.NamedSharding(sharding.mesh, spec)
@@ -524,24 +442,14 @@ def _drop_leading_axis(struct: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(struct.shape[1:], struct.dtype)
 
 
-def _rows_per_chunk(carry: Array) -> int | None:
-    """Rows of `carry` folded at a time, or None to fold the whole leaf at once."""
-    size = carry.size * carry.dtype.itemsize
-    if carry.ndim == 0 or size <= _CHUNK_BYTES or carry.shape[0] < 2:
-        return None
-    sharding = getattr(jax.typeof(carry), "sharding", None)
-    mesh = getattr(sharding, "mesh", None)
-    if mesh is not None and not getattr(mesh, "empty", True):
-        return None  # Slicing a sharded carry would move data between devices.
-    chunks = min(_MAX_CHUNKS, -(-size // _CHUNK_BYTES), carry.shape[0])
-    return -(-carry.shape[0] // chunks)
-
-
-def _fold_in_chunks(accumulator: Any) -> Any:
-    """Replaces `Sum` and `Mean` (contractions folded by addition) by `_FoldInChunks`."""
+def _fold_in_chunks(accumulators: Any) -> Any:
+    """Accumulators that add per-example values (`Sum`, `Mean`) fold them into the carry
+    in blocks where the backend benefits."""
+    if not _backend.enabled(_backend.Tweak.FOLD_IN_CHUNKS):
+        return accumulators
     return jtu.tree_map(
-        lambda acc: _FoldInChunks(acc) if type(acc) in (Sum, Mean) else acc,
-        accumulator,
+        lambda acc: _FoldInChunks(acc) if isinstance(acc, Sum | Mean) else acc,
+        accumulators,
         is_leaf=is_accumulator,
     )
 
@@ -570,9 +478,9 @@ def call_vmapped(
     num_real_microbatches: Any,
     is_padding_example: Any,
     param_names: Sequence[str],
-    caller: str,
+    caller: Caller,
 ) -> Any:
-    """`fun` vectorised over each microbatch, aggregated, then accumulated."""
+    """`fun` vectorized over each microbatch, aggregated, then accumulated."""
     accumulators = _fold_in_chunks(accumulators)
     per_microbatch = vmap_and_aggregate(fun, axes, accumulators)
     out, _ = call_microbatched(

@@ -1,28 +1,31 @@
 """`micro_grad`: per-example gradients, transformed and accumulated over the batch."""
 
-import abc
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import ArrayLike, Int
 
 from ._accumulators import AccumulatorTree, Concat, Sum
-from ._batch_axis import check_microbatch_size
-from ._custom_types import StaticInt
-from ._engine import (
-    AbstractTransformed,
-    Accumulators,
+from ._arguments import (
     broadcast_axes,
-    call_vmapped,
-    flat_accumulators,
+    Caller,
+    check_argnums,
+    check_callable,
+    check_key,
+    check_positive_int,
     PADDING,
+    per_example_keys,
     positional_names,
     signature_of,
+    takes_varargs,
 )
+from ._engine import AbstractTransformed, Accumulators, call_vmapped, flat_accumulators
+
+
+_MICRO_GRAD = Caller("micro_grad", "`batch_argnums`", "leave it out of `batch_argnums`")
 
 
 class PerExample(eqx.Module):
@@ -70,21 +73,6 @@ def _zero_if(pad: Any, tree: Any) -> Any:
     )
 
 
-class AbstractPaddingAwareTransform(eqx.Module):
-    """A `transform_fn` that handles padding itself (private to the package).
-
-    `micro_grad` calls it as `transform_fn(grads, is_padding)`, with `is_padding` a
-    boolean scalar or None, and leaves its output as it is. `micro_grad` would otherwise
-    zero a padded example's whole output with a `where`, one more pass over every
-    per-example gradient; a transform that scales its gradients later (`dp.clipped_grad`
-    folds the clip scale into the sum) can zero the scale instead.
-    """
-
-    @abc.abstractmethod
-    def __call__(self, grads: Any, is_padding: Any) -> Any:
-        """Transforms one example's gradient; `is_padding` is a bool scalar or None."""
-
-
 class _MicroGrad(AbstractTransformed):
     fun: Callable
     transform_fn: Callable
@@ -116,14 +104,17 @@ class _MicroGrad(AbstractTransformed):
             for i, arg in zip(self.argnums, diff_args):
                 full[i] = arg
             out = self.fun(*full, **kwargs)
-            if not self.has_aux:
-                return out, None
-            if not (isinstance(out, tuple) and len(out) == 2):
-                raise TypeError(
-                    "`micro_grad` was given `has_aux=True`, so `fun` must return a "
-                    f"pair `(value, aux)`; it returned {type(out).__name__}."
-                )
-            return out
+            if self.has_aux:
+                if not (isinstance(out, tuple) and len(out) == 2):
+                    raise TypeError(
+                        "`micro_grad` was given `has_aux=True`, so `fun` must return a "
+                        f"pair `(value, aux)`; it returned {type(out).__name__}."
+                    )
+                value, aux = out
+            else:
+                value, aux = out, None
+            check_scalar_loss(value, self.keep_batch_dim, "micro_grad")
+            return value, aux
 
         diff_args = tuple(args[i] for i in self.argnums)
         (value, aux), grads = eqx.filter_value_and_grad(loss, has_aux=True)(diff_args)
@@ -133,13 +124,9 @@ class _MicroGrad(AbstractTransformed):
         if self.keep_batch_dim:
             aux = jtu.tree_map(_squeeze_leading, aux)
         per_example = PerExample(values=value, metrics=metrics, aux=aux)
-        if isinstance(self.transform_fn, AbstractPaddingAwareTransform):
-            transformed = self.transform_fn(grads, pad)
-        else:
-            transformed = self.transform_fn(grads)
-            if pad is not None:
-                transformed = _zero_if(pad, transformed)
+        transformed = self.transform_fn(grads)
         if pad is not None:
+            transformed = _zero_if(pad, transformed)
             per_example = _zero_if(pad, per_example)
         return transformed, per_example
 
@@ -182,36 +169,45 @@ class _MicroGrad(AbstractTransformed):
             num_real_microbatches=self.num_real_microbatches,
             is_padding_example=is_padding_example,
             param_names=positional_names(signature_of(self.fun)),
-            caller="micro_grad",
+            caller=_MICRO_GRAD,
         )
         return accumulated, per_example
 
     def _per_example_keys(self, key: Any, args: list) -> Any:
-        """One key per example: `fold_in(key, example_index)`, whatever the split."""
-        if not eqx.is_array(key):
-            raise TypeError(
-                f"`micro_grad` was built with `key_argnum={self.key_argnum}`, but that "
-                f"argument is {type(key).__name__}, not a PRNG key. Pass a key such as "
-                "`jax.random.key(0)`."
-            )
+        name = f"args[{self.key_argnum}]` (`key_argnum={self.key_argnum}`)"
+        check_key(key, name, "micro_grad")
         sizes = [
             leaf.shape[0]
             for i in self.batch_argnums
             for leaf in jtu.tree_leaves(args[i])
             if eqx.is_array(leaf) and leaf.ndim > 0
         ]
-        batch_size = sizes[0] if sizes else 0
-        return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch_size))
+        return per_example_keys(key, sizes[0] if sizes else 0)
 
 
-def _as_argnums(x: Any, name: str) -> tuple[int, ...]:
-    values = tuple(x) if isinstance(x, (tuple, list)) else (x,)
-    for value in values:
-        if isinstance(value, bool) or not isinstance(value, StaticInt) or value < 0:
-            raise TypeError(
-                f"`micro_grad` needs `{name}` to hold non-negative ints, got {x!r}."
-            )
-    return tuple(int(v) for v in values)
+def check_scalar_loss(value: Any, keep_batch_dim: bool, caller: str) -> None:
+    """A per-example loss must be a floating-point scalar."""
+    if (
+        eqx.is_array(value)
+        and value.shape == ()
+        and jnp.issubdtype(value.dtype, jnp.inexact)
+    ):
+        return
+    if eqx.is_array(value):
+        got = f"an array of shape {value.shape} and dtype {value.dtype}"
+    else:
+        got = f"{type(value).__name__}"
+    hint = ""
+    if keep_batch_dim and eqx.is_array(value) and value.shape == (1,):
+        hint = (
+            " With `keep_batch_dim=True` (the default) `fun` sees each example with a "
+            "batch axis of size 1, so a loss such as `model(x)` has shape (1,): reduce "
+            "it, e.g. with `jnp.mean`."
+        )
+    raise TypeError(
+        f"`{caller}` needs `fun` to return a floating-point scalar loss for one "
+        f"example; it returned {got}.{hint}"
+    )
 
 
 def micro_grad(
@@ -296,9 +292,10 @@ def micro_grad(
         assert out.metrics.tolist() == [0.0, 2.0, 4.0, 6.0]
         ```
     """
+    check_callable(fun, "fun", "micro_grad")
     single_argnum = not isinstance(argnums, (tuple, list))
-    argnums_t = _as_argnums(argnums, "argnums")
-    batch_argnums_t = _as_argnums(batch_argnums, "batch_argnums")
+    argnums_t = check_argnums(argnums, "argnums", "micro_grad")
+    batch_argnums_t = check_argnums(batch_argnums, "batch_argnums", "micro_grad")
     if not argnums_t:
         raise ValueError("`micro_grad` needs at least one argument in `argnums`.")
     if not batch_argnums_t:
@@ -319,20 +316,19 @@ def micro_grad(
         )
     signature = signature_of(fun)
     names = positional_names(signature)
-    takes_varargs = signature is None or any(
-        p.kind == p.VAR_POSITIONAL for p in signature.parameters.values()
-    )
     largest = max(
         (*argnums_t, *batch_argnums_t, *(() if key_argnum is None else (key_argnum,)))
     )
-    if not takes_varargs and largest >= len(names):
+    if not takes_varargs(signature) and largest >= len(names):
         raise ValueError(
             f"`micro_grad` got argument number {largest}, but `fun` takes only "
             f"{len(names)} positional arguments ({', '.join(names) or 'none'}). Fix "
             "`argnums`/`batch_argnums`/`key_argnum` (they count from 0)."
         )
     if microbatch_size is not None:
-        microbatch_size = check_microbatch_size(microbatch_size, "micro_grad")
+        microbatch_size = check_positive_int(
+            microbatch_size, "microbatch_size", "micro_grad"
+        )
     return _MicroGrad(
         fun=fun,
         transform_fn=transform_fn,

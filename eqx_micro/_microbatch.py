@@ -4,7 +4,6 @@ Both are thin wrappers over `call_microbatched` (see `_engine.py`); they only de
 which arguments are batched, along which axis.
 """
 
-import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -14,27 +13,34 @@ import jax.tree_util as jtu
 from jaxtyping import ArrayLike, Int
 
 from ._accumulators import AccumulatorTree, Concat, map_accumulators, Sum
-from ._batch_axis import check_microbatch_size
-from ._custom_types import AxisSpec, StaticInt
-from ._engine import (
-    AbstractTransformed,
+from ._arguments import (
     accepts_keyword,
-    Accumulators,
+    as_tuple,
     broadcast_axes,
-    call_microbatched,
-    call_vmapped,
-    flat_accumulators,
+    Caller,
+    check_argnums,
+    check_callable,
+    check_positive_int,
     PADDING,
     padding_mask,
     positional_names,
     signature_of,
+    takes_varargs,
+)
+from ._custom_types import AxisSpec, StaticInt
+from ._engine import (
+    AbstractTransformed,
+    Accumulators,
+    call_microbatched,
+    call_vmapped,
+    flat_accumulators,
 )
 
 
-def _as_tuple(x: Any) -> tuple:
-    if isinstance(x, (tuple, list)):
-        return tuple(x)
-    return (x,)
+_MICROBATCH = Caller(
+    "microbatch", "`argnums`/`argnames`", "leave it out of `argnums` and `argnames`"
+)
+_MICRO_VMAP = Caller("micro_vmap", "`in_axes`", "give it `in_axes=None`")
 
 
 class _Microbatched(AbstractTransformed):
@@ -44,7 +50,7 @@ class _Microbatched(AbstractTransformed):
     argnums: tuple[int, ...] = eqx.field(static=True)
     argnames: tuple[str, ...] = eqx.field(static=True)
     in_axes: tuple[Any, ...] = eqx.field(static=True)
-    microbatch_size: int = eqx.field(static=True)
+    microbatch_size: int | None = eqx.field(static=True)
 
     def _batched_axes(self, args: tuple, kwargs: dict) -> tuple[list, dict]:
         """Per-argument axes, for batched arguments passed by position or keyword."""
@@ -96,7 +102,7 @@ class _Microbatched(AbstractTransformed):
             num_real_microbatches=self.num_real_microbatches,
             is_padding_example=is_padding_example,
             param_names=positional_names(signature),
-            caller="microbatch",
+            caller=_MICROBATCH,
         )
         return out
 
@@ -137,7 +143,7 @@ def microbatch(
     - `fun`: the function (or `eqx.Module`) to microbatch.
     - `argnums`: positions of the batched positional arguments (an int or a sequence).
     - `microbatch_size`: examples per microbatch; it must divide the batch size. `None`
-        returns `fun` itself.
+        runs the whole batch as one microbatch (as in every eqx_micro transform).
     - `accumulator`: how results combine across microbatches: an accumulator such as
         `Sum()` (default), `Mean()`, `RunningMean()`, `Concat()`, `Max()`, `Min()`, an
         `AccumulationType`, or a PyTree prefix of the output with those at its leaves.
@@ -168,17 +174,13 @@ def microbatch(
         assert jnp.allclose(grad(jnp.zeros(3), x, y), jax.grad(loss)(jnp.zeros(3), x, y))
         ```
     """
-    if microbatch_size is None:
-        return fun
-    microbatch_size = check_microbatch_size(microbatch_size, "microbatch")
-    argnums = _as_tuple(argnums)
-    argnames = _as_tuple(argnames)
-    for argnum in argnums:
-        if isinstance(argnum, bool) or not isinstance(argnum, StaticInt) or argnum < 0:
-            raise TypeError(
-                f"`microbatch` needs `argnums` to hold non-negative ints, got {argnum!r}."
-            )
-    argnums = tuple(int(a) for a in argnums)
+    check_callable(fun, "fun", "microbatch")
+    if microbatch_size is not None:
+        microbatch_size = check_positive_int(
+            microbatch_size, "microbatch_size", "microbatch"
+        )
+    argnums = check_argnums(argnums, "argnums", "microbatch")
+    argnames = as_tuple(argnames)
     for name in argnames:
         if not isinstance(name, str):
             raise TypeError(f"`microbatch` needs `argnames` to hold strings, got {name!r}.")
@@ -194,11 +196,8 @@ def microbatch(
         )
     signature = signature_of(fun)
     names = positional_names(signature)
-    takes_varargs = signature is None or any(
-        p.kind == inspect.Parameter.VAR_POSITIONAL for p in signature.parameters.values()
-    )
     for argnum in argnums:
-        if not takes_varargs and argnum >= len(names):
+        if not takes_varargs(signature) and argnum >= len(names):
             raise ValueError(
                 f"`microbatch` got `argnums` containing {argnum}, but `fun` takes only "
                 f"{len(names)} positional arguments ({', '.join(names) or 'none'}). "
@@ -278,7 +277,7 @@ class _MicroVmapped(AbstractTransformed):
             num_real_microbatches=self.num_real_microbatches,
             is_padding_example=is_padding_example,
             param_names=positional_names(signature),
-            caller="micro_vmap",
+            caller=_MICRO_VMAP,
         )
         if self.out_axes == 0:
             return out
@@ -350,8 +349,11 @@ def micro_vmap(
         assert total == x.sum()
         ```
     """
+    check_callable(fun, "fun", "micro_vmap")
     if microbatch_size is not None:
-        microbatch_size = check_microbatch_size(microbatch_size, "micro_vmap")
+        microbatch_size = check_positive_int(
+            microbatch_size, "microbatch_size", "micro_vmap"
+        )
     if isinstance(out_axes, bool) or not isinstance(out_axes, StaticInt):
         raise TypeError(f"`micro_vmap` needs `out_axes` to be an int, got {out_axes!r}.")
     accumulator = flat_accumulators(accumulator)

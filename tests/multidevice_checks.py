@@ -84,7 +84,8 @@ def check_sharded_dp_step() -> None:
     w = jax.device_put(w_host, NamedSharding(mesh, P("data", None)))
     total, _ = eqx.filter_jit(grad_fn)(w, x)
     expected, _ = grad_fn(jnp.asarray(w_host), jnp.asarray(x_host))
-    np.testing.assert_allclose(total, expected, rtol=2e-5, atol=1e-6)
+    # float32 sums of 64 clipped gradients, reduced in another order across devices.
+    np.testing.assert_allclose(total, expected, rtol=2e-5, atol=1e-5)
 
     noise = dp.BandMFNoise([0.7, 0.5, 0.5], stddev=1.0, key=5)
     state = noise.init({"w": w})

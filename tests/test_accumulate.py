@@ -216,6 +216,13 @@ def test_integer_unroll_is_one_scan_with_that_unroll(unroll, getkey):
     assert scan.params["length"] == 12 and scan.params["unroll"] == unroll
 
 
+def test_no_microbatch_size_is_one_microbatch(getkey):
+    model, batch = make_problem(getkey(), batch_size=10)
+    out = em.accumulate_gradients(mean_loss, model, batch)
+    full = eqx.filter_value_and_grad(mean_loss)(model, batch)
+    assert_tree_allclose((out.loss, out.grads), full, rtol=1e-5, atol=1e-6)
+
+
 def test_accumulation_errors(getkey):
     model, batch = make_problem(getkey(), batch_size=10)
     for bad in (0, -2):
@@ -225,8 +232,16 @@ def test_accumulation_errors(getkey):
         em.accumulate_gradients(mean_loss, model, batch, num_microbatches=4)
     with pytest.raises(ValueError, match="not divisible by `microbatch_size=4`"):
         em.accumulate_gradients(mean_loss, model, batch, microbatch_size=4)
-    with pytest.raises(TypeError, match="exactly one of `microbatch_size`"):
-        em.accumulate_gradients(mean_loss, model, batch)
+    with pytest.raises(TypeError, match="one of `microbatch_size` and `num_microbatches`"):
+        em.accumulate_gradients(
+            mean_loss, model, batch, microbatch_size=5, num_microbatches=2
+        )
+    # The argument the user passed is the one the error names.
+    # (Under the test suite's runtime type checking, jaxtyping names it first.)
+    with pytest.raises(TypeError, match="num_microbatches"):
+        em.accumulate_gradients(mean_loss, model, batch, num_microbatches=2.5)
+    with pytest.raises(TypeError, match=r"key"):
+        em.accumulate_gradients(lambda m, b, *, key: mean_loss(m, b), model, batch, key=0)
     with pytest.raises(TypeError, match="`loss_fn` needs a `key` argument"):
         em.accumulate_gradients(
             lambda m, b, *, key: mean_loss(m, b), model, batch, microbatch_size=5

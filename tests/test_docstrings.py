@@ -1,6 +1,7 @@
 """Every public name has a docstring example, and every docstring example runs."""
 
 import ast
+import importlib
 import inspect
 import pathlib
 import re
@@ -137,9 +138,23 @@ def test_public_name_in_api_reference(qualified):
         for line in page.read_text().splitlines()
         if line.startswith(":::")
     }
-    assert qualified in entries, (
-        f"`{qualified}` is public but has no `::: {qualified}` entry in docs/api/."
-    )
+    if qualified not in entries:
+        # An alias (a second public name of a documented object, kept for users of
+        # another library) is documented where its page names it.
+        module, _, name = qualified.rpartition(".")
+        target = getattr(importlib.import_module(module), name)
+        documented = {
+            entry
+            for entry in entries
+            if entry.rpartition(".")[0] == module
+            and getattr(importlib.import_module(module), entry.rpartition(".")[2], None)
+            is target
+        }
+        short = f"{module.rpartition('.')[2]}.{name}"
+        named = any(f"`{short}`" in page.read_text() for page in api.glob("*.md"))
+        assert documented and named, (
+            f"`{qualified}` is public but has no `::: {qualified}` entry in docs/api/."
+        )
 
 
 def test_python_blocks_parser():

@@ -18,12 +18,12 @@ def reference_epsilon(accountant, event, delta):
         (0.6, 7031, 256 / 60000, 1e-5),
     ],
 )
-@pytest.mark.parametrize("accountant", ["pld", "rdp"])
+@pytest.mark.parametrize("accountant", list(dp.Accountant))
 def test_dpsgd_epsilon_equals_dp_accounting(sigma, steps, q, delta, accountant):
     event = dp.dpsgd_event(sigma, steps, sampling_prob=q)
     fresh = (
         dp_accounting.pld.PLDAccountant()
-        if accountant == "pld"
+        if accountant is dp.Accountant.PLD
         else dp_accounting.rdp.RdpAccountant()
     )
     expected = reference_epsilon(fresh, event, delta)
@@ -35,7 +35,7 @@ def test_dpsgd_epsilon_equals_dp_accounting(sigma, steps, q, delta, accountant):
 def test_published_anchor_values():
     mnist = dp.dpsgd_event(1.1, 14062, sampling_prob=256 / 60000)
     assert dp.compute_epsilon(mnist, 1e-5) == pytest.approx(2.382, abs=2e-3)
-    assert dp.compute_epsilon(mnist, 1e-5, accountant="rdp") == pytest.approx(
+    assert dp.compute_epsilon(mnist, 1e-5, accountant=dp.Accountant.RDP) == pytest.approx(
         2.597, abs=2e-3
     )
     replace_one = dp.NeighboringRelation.REPLACE_ONE
@@ -56,7 +56,7 @@ def test_truncated_and_fixed_batch_events_equal_dp_accounting():
         dp_accounting.rdp.RdpAccountant(neighboring_relation=replace_one), fixed, 1e-5
     )
     assert dp.compute_epsilon(
-        fixed, 1e-5, accountant="rdp", neighboring_relation=replace_one
+        fixed, 1e-5, accountant=dp.Accountant.RDP, neighboring_relation=replace_one
     ) == pytest.approx(expected, rel=1e-6)
 
 
@@ -133,7 +133,7 @@ def test_bad_input(call, match):
 def test_unsupported_event_is_an_error():
     fixed = dp.fixed_batch_dpsgd_event(1.0, 10, num_examples=100, batch_size=10)
     with pytest.raises(ValueError, match="does not support this event"):
-        dp.compute_epsilon(fixed, 1e-5, accountant="rdp")  # needs REPLACE_ONE
+        dp.compute_epsilon(fixed, 1e-5, accountant=dp.Accountant.RDP)  # needs REPLACE_ONE
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import pytest
 from jax_privacy.matrix_factorization import toeplitz
 
 import eqx_micro.dp as dp
-from eqx_micro.dp import _bandmf_strategy as strategy
+from eqx_micro.dp._noise import _banded_toeplitz as strategy
 
 
 def _dense_strategy(coefs, n):

@@ -412,10 +412,10 @@ def test_overlapping_argnums():
 @pytest.mark.parametrize(
     "mask,error,message",
     [
-        (jnp.array([0, 1, 0]), TypeError, "must be a bool array"),
-        (np.array([0.0, 1.0, 0.0]), TypeError, "must be a bool array"),
-        (jnp.array([False, True]), ValueError, "has 2 entries but the batch has 3 rows"),
-        (jnp.zeros((3, 1), bool), ValueError, "must be 1-D"),
+        (jnp.array([0, 1, 0]), TypeError, "`is_padding_example` to be a boolean"),
+        (np.array([0.0, 1.0, 0.0]), TypeError, "`is_padding_example` to be a boolean"),
+        (jnp.array([False, True]), ValueError, "of length 2 for a batch of 3"),
+        (jnp.zeros((3, 1), bool), ValueError, "to be one-dimensional"),
     ],
 )
 def test_bad_padding_mask(mask, error, message):

@@ -41,7 +41,7 @@ def reference_epsilon(noise_multiplier, iterations, sampling_prob, delta, relati
     [
         (512, 0.1, 1.0, 1e-6, {}),
         (1000, 0.01, 2.0, 1e-5, {}),
-        (200, 0.02, 3.0, 1e-5, {"accountant": "rdp"}),
+        (200, 0.02, 3.0, 1e-5, {"accountant": dp.Accountant.RDP}),
         (
             100,
             0.01,
@@ -180,8 +180,11 @@ def test_running_past_the_accounted_iterations_fails():
     x = jnp.ones((2, 3))
     for _ in range(2):
         _, state, _ = step(state, jnp.zeros(3), x)
-    with pytest.raises(Exception, match="covers 2 iterations and they are used up"):
+    with pytest.raises(Exception, match="noise state has made them all"):
         jax.block_until_ready(step(state, jnp.zeros(3), x))
+    # Outside `jit` the count is known: a plain error, naming the number, comes first.
+    with pytest.raises(ValueError, match="covers 2 iterations and the noise state"):
+        plan.noisy_grad(state, jnp.zeros(3), x)
 
 
 def test_plan_samples_as_configured():

@@ -41,9 +41,20 @@ class _Fixed(dp.AbstractBatchSelectionStrategy):
     """Yields the given batches: a user-defined strategy is just a subclass."""
 
     batches: tuple[tuple[int, ...], ...]
+    cycle_length: int = 1
+
+    @property
+    def iterations(self):
+        return len(self.batches)
 
     def batch_iterator(self, num_examples, rng):
         return (np.array(b, np.int32) for b in self.batches)
+
+    def expected_batch_size(self, num_examples):
+        return float(np.mean([len(b) for b in self.batches]))
+
+    def batch_size_stddev(self, num_examples):
+        return float(np.std([len(b) for b in self.batches]))
 
 
 # ---------------------------------------------------------------- Poisson sampling
@@ -568,3 +579,30 @@ def test_type_errors_behind_runtime_checks(call, match):
 def test_abstract_strategy_cannot_be_instantiated():
     with pytest.raises(TypeError, match="abstract"):
         dp.AbstractBatchSelectionStrategy()  # type: ignore[abstract]
+
+
+# ------------------------------------------------ batch-size moments (the trainer pads by them)
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        dp.PoissonSampling(0.2, 4000),
+        dp.CyclicPoissonSampling(0.6, 4000, cycle_length=3),
+        dp.CyclicPoissonSampling(
+            0.6, 4000, cycle_length=3, partition_type=dp.PartitionType.INDEPENDENT
+        ),
+        dp.BallsInBinsSampling(4000, cycle_length=5),
+        dp.FixedBatchSampling(7, 50),
+    ],
+)
+def test_declared_batch_size_moments_match_the_batches(strategy):
+    sizes = np.array([len(b) for b in strategy.batch_iterator(101, rng=3)])
+    expected = strategy.expected_batch_size(101)
+    stddev = strategy.batch_size_stddev(101)
+    # Sample mean within 5 standard errors; sample spread within 15%.
+    assert abs(sizes.mean() - expected) <= 5 * max(stddev, 1e-9) / np.sqrt(sizes.size)
+    if stddev == 0:
+        assert (sizes == expected).all()
+    else:
+        assert abs(sizes.std() / stddev - 1) < 0.15

@@ -55,7 +55,7 @@ def dpsgd_trainer(
         iterations=iterations,
         sampling_prob=sampling_prob,
         noise_multiplier=noise_multiplier,
-        accountant="rdp",
+        accountant=dp.Accountant.RDP,
         noise_seed=3,
     ).make(grad_fn)
     optimizer = optax.sgd(0.1, momentum=0.5) if optimizer is None else optimizer
@@ -164,7 +164,7 @@ def test_privacy_report_is_the_event_of_the_steps_taken():
     trainer = TRAINER  # 12 iterations, sampling_prob 0.25, noise_multiplier 1
     _, report = fit(trainer, make_model(), callback=lambda state, _: state.step == 7)
     event = dp.dpsgd_event(1.0, 7, sampling_prob=0.25)
-    expected = dp.compute_epsilon(event, DELTA, accountant="rdp")
+    expected = dp.compute_epsilon(event, DELTA, accountant=dp.Accountant.RDP)
     assert report.steps == 7 and report.iterations == 12
     assert report.dp_event == event and report.epsilon == expected
     full = trainer.privacy_report(12, DELTA)
@@ -179,14 +179,14 @@ def test_privacy_report_of_partial_bandmf_run():
         num_bands=4,
         sampling_prob=0.5,
         noise_multiplier=1.0,
-        accountant="rdp",
+        accountant=dp.Accountant.RDP,
         strategy_optimization_steps=20,
     ).make(grad_fn)
     trainer = dp.DPTrainer(plan, optax.sgd(0.1))
     for steps in (1, 4, 5, 12):
         # One round per cycle of 4 steps: an example joins at most once per cycle.
         event = dp.dpsgd_event(1.0, math.ceil(steps / 4), sampling_prob=0.5)
-        expected = dp.compute_epsilon(event, DELTA, accountant="rdp")
+        expected = dp.compute_epsilon(event, DELTA, accountant=dp.Accountant.RDP)
         assert trainer.privacy_report(steps, DELTA).epsilon == expected
     report = trainer.privacy_report(5, DELTA)
     assert report.steps == 5

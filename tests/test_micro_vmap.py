@@ -101,7 +101,7 @@ def test_padding_mask_reaches_each_example(getkey):
 
 
 # Sum and Mean fold large per-example outputs into the carry a block of rows at a time
-# (`_engine._FoldInChunks`): leaves above 256 KiB, here 300 x 250 float32 (293 KiB, 2
+# (`_engine._FoldInChunks`, on XLA:CPU): leaves above 256 KiB, here 300 x 250 float32 (293 KiB, 2
 # blocks) and 1001 x 300 (1.1 MiB, 5 blocks of 201 rows, the last one short).
 @pytest.mark.parametrize("accumulator", [em.Sum(), em.Mean(), em.Sum(jnp.float32)])
 @pytest.mark.parametrize("num_real", [None, 3])
@@ -134,8 +134,9 @@ def test_large_outputs_fold_in_blocks_exactly(accumulator, num_real, getkey):
     assert out["n"] == per_example["n"].sum()
 
 
-def test_folding_in_blocks_saves_the_largest_leafs_copy(monkeypatch):
-    from eqx_micro import _engine
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="an XLA:CPU tweak")
+def test_folding_in_blocks_saves_the_largest_leafs_copy():
+    from eqx_micro import _backend
 
     layer = jnp.zeros((512, 784))
     grad = em.micro_grad(lambda w, x: jnp.sum(jnp.tanh(x @ w.T)), microbatch_size=32)
@@ -145,8 +146,8 @@ def test_folding_in_blocks_saves_the_largest_leafs_copy(monkeypatch):
         return compiled.compile().memory_analysis().temp_size_in_bytes
 
     blocked = temp_bytes()
-    monkeypatch.setattr(_engine, "_CHUNK_BYTES", 1 << 40)
-    whole = temp_bytes()
+    with _backend.disabled(_backend.Tweak.FOLD_IN_CHUNKS):
+        whole = temp_bytes()
     # Without blocks XLA holds the 1.5 MiB contraction output next to the carry; with
     # 8 blocks, one block of 192 KiB.
     assert whole - blocked >= 1.2 * 2**20, (whole, blocked)

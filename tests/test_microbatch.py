@@ -176,8 +176,12 @@ def test_module_fun_and_method_decorator(getkey):
     assert jnp.allclose(m.loss(x), jnp.sum(x @ m.weight), rtol=1e-5)
 
 
-def test_microbatch_size_none_returns_fun_itself():
-    assert em.microbatch(jnp.sum, 0, None) is jnp.sum
+def test_microbatch_size_none_runs_one_microbatch():
+    # `None` means the whole batch as one microbatch, as in every eqx_micro transform.
+    x = jnp.arange(6.0)
+    assert em.microbatch(jnp.sum, 0, None)(x) == 15.0
+    assert em.microbatch(jnp.sum, 0, None, num_real_microbatches=0)(x) == 0.0
+    assert em.micro_vmap(jnp.sin, microbatch_size=None)(x).shape == (6,)
 
 
 def test_non_array_outputs_and_python_scalars_pass_through():

@@ -1,6 +1,7 @@
 """Differential privacy on top of eqx_micro's microbatching: `import eqx_micro.dp as dp`."""
 
 from ._accounting import (
+    Accountant as Accountant,
     amplified_bandmf_event as amplified_bandmf_event,
     calibrate_noise_multiplier as calibrate_noise_multiplier,
     compute_epsilon as compute_epsilon,
@@ -10,51 +11,61 @@ from ._accounting import (
     truncated_amplified_bandmf_event as truncated_amplified_bandmf_event,
     truncated_dpsgd_event as truncated_dpsgd_event,
 )
-from ._bandmf_strategy import (
+from ._clipping._callable import (
+    BoundedSensitivityCallable as BoundedSensitivityCallable,
+    clipped_grad as clipped_grad,
+    ghost_clipped_grad as ghost_clipped_grad,
+    GhostClippedGrad as GhostClippedGrad,
+)
+from ._clipping._contract import (
+    AbstractBoundedSensitivityCallable as AbstractBoundedSensitivityCallable,
+    ClippedGradAux as ClippedGradAux,
+    PrivacyUnit as PrivacyUnit,
+)
+from ._clipping._pytree import clip_pytree as clip_pytree, ClipL2 as ClipL2
+from ._ghost._strategy import GhostFallback as GhostFallback, GhostMethod as GhostMethod
+from ._noise._banded_toeplitz import (
     banded_toeplitz_loss as banded_toeplitz_loss,
     optimize_banded_toeplitz as optimize_banded_toeplitz,
     per_query_error as per_query_error,
     sqrt_toeplitz_coefs as sqrt_toeplitz_coefs,
     strategy_rmse as strategy_rmse,
 )
-from ._clipped_grad import (
-    AbstractBoundedSensitivityCallable as AbstractBoundedSensitivityCallable,
-    BoundedSensitivityCallable as BoundedSensitivityCallable,
-    clipped_grad as clipped_grad,
-    ClippedGradAux as ClippedGradAux,
-)
-from ._clipping import clip_pytree as clip_pytree, ClipL2 as ClipL2
-from ._ghost_clipped_grad import (
-    ghost_clipped_grad as ghost_clipped_grad,
-    GhostClippedGrad as GhostClippedGrad,
-)
-from ._noise import (
+from ._noise._bandmf import BandMFNoise as BandMFNoise, BandMFNoiseState as BandMFNoiseState
+from ._noise._base import (
+    AbstractNoiseState as AbstractNoiseState,
     AbstractNoiseTransform as AbstractNoiseTransform,
-    BandMFNoise as BandMFNoise,
-    BandMFNoiseState as BandMFNoiseState,
+)
+from ._noise._gaussian import (
     GaussianNoise as GaussianNoise,
     GaussianNoiseState as GaussianNoiseState,
 )
-from ._plan import (
+from ._plan._bandmf import (
     BandMFExecutionPlanConfig as BandMFExecutionPlanConfig,
     choose_num_bands as choose_num_bands,
-    DPExecutionPlan as DPExecutionPlan,
-    DPSGDExecutionPlanConfig as DPSGDExecutionPlanConfig,
 )
-from ._sampling import (
+from ._plan._dpsgd import DPSGDExecutionPlanConfig as DPSGDExecutionPlanConfig
+from ._plan._plan import DPExecutionPlan as DPExecutionPlan, NoisyRelease as NoisyRelease
+from ._sampling._base import (
     AbstractBatchSelectionStrategy as AbstractBatchSelectionStrategy,
+)
+from ._sampling._fixed import (
     BallsInBinsSampling as BallsInBinsSampling,
-    CyclicPoissonSampling as CyclicPoissonSampling,
     FixedBatchSampling as FixedBatchSampling,
+)
+from ._sampling._padding import (
     gather_padded_batch as gather_padded_batch,
     pad_to_multiple_of as pad_to_multiple_of,
+    split_and_pad_global_batch as split_and_pad_global_batch,
+)
+from ._sampling._poisson import (
+    CyclicPoissonSampling as CyclicPoissonSampling,
     PartitionType as PartitionType,
     PoissonSampling as PoissonSampling,
-    split_and_pad_global_batch as split_and_pad_global_batch,
+)
+from ._sampling._users import (
+    UserLevelSampling as UserLevelSampling,
     UserSelectionStrategy as UserSelectionStrategy,
 )
-from ._trainer import (
-    DPTrainer as DPTrainer,
-    PrivacyReport as PrivacyReport,
-    TrainState as TrainState,
-)
+from ._trainer._state import PrivacyReport as PrivacyReport, TrainState as TrainState
+from ._trainer._trainer import DPTrainer as DPTrainer

@@ -7,39 +7,30 @@ equation's other operand (the activation) and the gradient of its output, each
 example's gradient norm of the parameter follows without forming the gradient.
 
 The per-example loss is traced once (`trace`), nested `jax.jit` calls are inlined so the
-analysis sees one flat list of equations (`_flatten`), and `analyse` follows each
+analysis sees one flat list of equations, and `analyze` follows each
 parameter forward through layout-only equations (reshape, transpose, convert, ...) to
 its single consuming equation. Anything else (a second use, a nonlinear use, a use
 inside a loop, a `custom_jvp` or a `cond`) makes that parameter a fallback: its
 per-example gradient is computed exactly, by `jax.grad`. Never a guessed norm.
 
-`run_tapped` replays the flat jaxpr adding a zero "probe" to each tapped equation's
+`run_tapped` replays the flat jaxpr (with the package's one interpreter,
+`eqx_micro.internal.evaluate`) adding a zero "probe" to each tapped equation's
 output and returning the tapped activations: the gradient with respect to a probe is
 the gradient of that equation's output.
 """
 
+import enum
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.extend as jex
 import jax.numpy as jnp
-import numpy as np
-from jax import lax
+
+from ...internal import bind, dot_activation_first, enabled, evaluate, flatten, Tweak
 
 
-_primitives = jex.core.primitives
-# Nested `jax.jit` calls (`pjit` before jax 0.7) and closed calls: inlined.
-_CALLS = tuple(
-    p
-    for p in (
-        getattr(_primitives, "jit_p", None),
-        getattr(_primitives, "pjit_p", None),
-        getattr(_primitives, "closed_call_p", None),
-    )
-    if p is not None
-)
 # Equations that only move, cast or relabel entries: a parameter passes through them
 # on its way to its linear use. `broadcast_in_dim` repeats entries (it does not keep
 # the norm), which only the elementwise taps accept.
@@ -58,17 +49,26 @@ _LAYOUT = frozenset(
 _ELEMENTWISE = frozenset({"add", "sub", "mul", "add_any"})
 
 
+class TapKind(enum.Enum):
+    """How a tapped equation consumes its parameter."""
+
+    DOT = "dot"  # `dot_general`: Linear layers, attention projections, einsums
+    CONV = "conv"  # `conv_general_dilated`
+    ELEMENTWISE = "elementwise"  # `add`/`sub`/`mul`: biases, norm scales
+    GATHER = "gather"  # a row `gather`: Embedding
+
+
 class Tap(NamedTuple):
     """A parameter leaf consumed linearly by one equation of the flat jaxpr.
 
-    - `kind`: "dot", "conv", "elementwise" or "gather".
+    - `kind`: a `TapKind`.
     - `leaf`: index of the parameter leaf.
     - `eqn`: index of the consuming equation.
     - `side`: which operand of that equation the parameter (after `chain`) is.
     - `chain`: the layout equations from the leaf to that operand, in order.
     """
 
-    kind: str
+    kind: TapKind
     leaf: int
     eqn: Any
     side: int
@@ -89,76 +89,9 @@ class Unused(NamedTuple):
     leaf: int
 
 
-def _inner(eqn: Any) -> Any:
-    """The ClosedJaxpr of a call equation."""
-    return eqn.params["jaxpr"] if "jaxpr" in eqn.params else eqn.params["call_jaxpr"]
-
-
-def _read(env: dict, var: Any) -> Any:
-    return var.val if isinstance(var, jex.core.Literal) else env[var]
-
-
-def bind(eqn: Any, invals: Sequence[Any]) -> list[Any]:
-    """Applies one equation to values (or tracers), like `jax.core.eval_jaxpr`."""
-    params = eqn.primitive.get_bind_params(eqn.params)
-    if isinstance(params, tuple):  # (subfuns, params) in older jax
-        subfuns, params = params
-        invals = [*subfuns, *invals]
-    with eqn.ctx.manager:
-        out = eqn.primitive.bind(*invals, **params)
-    return list(out) if eqn.primitive.multiple_results else [out]
-
-
-def bind_activation_first(eqn: Any, invals: Sequence[Any]) -> list[Any]:
-    """`bind` for a `dot_general` whose parameter is the left operand, computed with the
-    operands swapped and the result transposed back. Same values; but once vmapped,
-    the activation's example axis leads the product, so XLA:CPU emits a batch-major
-    matrix product instead of transposing the activations around a weight-major one
-    (an MLP with `keep_batch_dim=True` ran 1.67x slower and with 4 MiB more temp)."""
-    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-    lhs, rhs = invals
-    params = dict(eqn.params)
-    params["dimension_numbers"] = ((rc, lc), (rb, lb))
-    precision = params.get("precision")
-    if isinstance(precision, tuple):
-        params["precision"] = precision[::-1]
-    with eqn.ctx.manager:
-        out = eqn.primitive.bind(rhs, lhs, **params)
-    nb = len(lb)
-    lhs_free = np.ndim(lhs) - len(lc) - nb
-    rhs_free = np.ndim(rhs) - len(rc) - nb
-    perm = (
-        *range(nb),
-        *range(nb + rhs_free, nb + rhs_free + lhs_free),
-        *range(nb, nb + rhs_free),
-    )
-    return [lax.transpose(out, perm)]
-
-
-def _eval_inlined(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
-    env: dict[Any, Any] = {}
-    env.update(zip(jaxpr.constvars, consts))
-    env.update(zip(jaxpr.invars, args))
-    for eqn in jaxpr.eqns:
-        invals = [_read(env, v) for v in eqn.invars]
-        if eqn.primitive in _CALLS:
-            inner = _inner(eqn)
-            outvals = _eval_inlined(inner.jaxpr, inner.consts, invals)
-        else:
-            outvals = bind(eqn, invals)
-        env.update(zip(eqn.outvars, outvals))
-    return [_read(env, v) for v in jaxpr.outvars]
-
-
-def _flatten(closed: Any) -> Any:
-    """`closed` with every nested `jax.jit`/closed call inlined (retraced)."""
-    avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in closed.jaxpr.invars]
-    return jax.make_jaxpr(lambda *a: _eval_inlined(closed.jaxpr, closed.consts, a))(*avals)
-
-
 def trace(fun: Any, *example: Any) -> Any:
     """The flat ClosedJaxpr of `fun(*example)` (array arguments, array outputs)."""
-    return _flatten(jax.make_jaxpr(fun)(*example))
+    return flatten(jax.make_jaxpr(fun)(*example))
 
 
 def _keeps_norm(chain: Sequence[Any]) -> bool:
@@ -188,7 +121,7 @@ def _is_row_gather(eqn: Any) -> bool:
     )
 
 
-def _classify(eqn: Any, side: int, chain: tuple, derived: dict) -> str | None:
+def _classify(eqn: Any, side: int, chain: tuple, derived: dict) -> TapKind | None:
     """The tap kind of a terminal use, or None if it has none."""
     name = eqn.primitive.name
     others = [
@@ -202,22 +135,22 @@ def _classify(eqn: Any, side: int, chain: tuple, derived: dict) -> str | None:
         (_, _), (lhs_batch, rhs_batch) = eqn.params["dimension_numbers"]
         if lhs_batch or rhs_batch or not _keeps_norm(chain):
             return None
-        return "dot"
+        return TapKind.DOT
     if name == "conv_general_dilated":
         if side != 1 or eqn.params["batch_group_count"] != 1 or not _keeps_norm(chain):
             return None
-        return "conv"
+        return TapKind.CONV
     if name in _ELEMENTWISE:
         dtype = eqn.outvars[0].aval.dtype
         if not jnp.issubdtype(dtype, jnp.inexact) or len(eqn.invars) != 2:
             return None
-        return "elementwise"
+        return TapKind.ELEMENTWISE
     if name == "gather" and side == 0 and _keeps_norm(chain) and _is_row_gather(eqn):
-        return "gather"
+        return TapKind.GATHER
     return None
 
 
-def analyse(closed: Any, num_params: int) -> list[Tap | Fallback | Unused]:
+def analyze(closed: Any, num_params: int) -> list[Tap | Fallback | Unused]:
     """How each of the first `num_params` inputs of the flat jaxpr is consumed."""
     jaxpr = closed.jaxpr
     derived: dict[Any, tuple[int, tuple]] = {
@@ -275,42 +208,44 @@ def run_tapped(
     probes: Sequence[Any] | None,
     inputs: Sequence[Any],
     *,
-    mask_input: Any = None,
-    hook: Any = None,
+    mask_input: Callable[[Tap, Any], Any] | None = None,
+    hook: Callable[[Tap, Any], Any] | None = None,
 ) -> tuple[list[Any], list[Any]]:
     """Evaluates the flat jaxpr, adding `probes[k]` to the output of `taps[k]`'s
     equation; returns the outputs and each tap's activation operand (None for
     add/sub, whose parameter gradient does not need it).
 
     `mask_input(tap, x)` replaces a tap's activation operand before the equation runs
-    and `hook(tap, invals, out)` its output (the ghost method's second pass)."""
-    jaxpr = closed.jaxpr
+    and `hook(tap, out)` its output (the ghost method's second pass)."""
     by_eqn = {id(tap.eqn): k for k, tap in enumerate(taps)}
     captured: list[Any] = [None] * len(taps)
-    env: dict[Any, Any] = {}
-    env.update(zip(jaxpr.constvars, closed.consts))
-    env.update(zip(jaxpr.invars, inputs))
-    for eqn in jaxpr.eqns:
-        invals = [_read(env, v) for v in eqn.invars]
+
+    def rule(eqn: Any, invals: list[Any]) -> list[Any] | None:
         k = by_eqn.get(id(eqn))
-        if k is not None and mask_input is not None:
-            other = 1 - taps[k].side
-            if not isinstance(eqn.invars[other], jex.core.Literal):
-                invals[other] = mask_input(taps[k], invals[other])
-        if k is not None and taps[k].kind == "dot" and taps[k].side == 0:
-            outvals = bind_activation_first(eqn, invals)
+        if k is None:
+            return None
+        tap = taps[k]
+        other = 1 - tap.side
+        if mask_input is not None and not isinstance(eqn.invars[other], jex.core.Literal):
+            invals[other] = mask_input(tap, invals[other])
+        if (
+            tap.kind is TapKind.DOT
+            and tap.side == 0
+            and enabled(Tweak.ACTIVATION_FIRST_DOT)
+        ):
+            (out,) = dot_activation_first(eqn, invals)
         else:
-            outvals = bind(eqn, invals)
-        if k is not None:
-            tap = taps[k]
-            if not (tap.kind == "elementwise" and eqn.primitive.name != "mul"):
-                captured[k] = invals[1 - tap.side]
-            if probes is not None:
-                outvals = [outvals[0] + probes[k]]
-            if hook is not None:
-                outvals = [hook(tap, invals, outvals[0])]
-        env.update(zip(eqn.outvars, outvals))
-    return [_read(env, v) for v in jaxpr.outvars], captured
+            (out,) = bind(eqn, invals)
+        if not (tap.kind is TapKind.ELEMENTWISE and eqn.primitive.name != "mul"):
+            captured[k] = invals[other]
+        if probes is not None:
+            out = out + probes[k]
+        if hook is not None:
+            out = hook(tap, out)
+        return [out]
+
+    outs = evaluate(closed.jaxpr, closed.consts, inputs, rule=rule)
+    return outs, captured
 
 
 def chain_fn(chain: Sequence[Any]) -> Any:
@@ -327,8 +262,10 @@ def chain_fn(chain: Sequence[Any]) -> Any:
 
 
 def out_aval(eqn: Any) -> Any:
+    """The abstract value of an equation's (single) output."""
     return eqn.outvars[0].aval
 
 
 def operand_shape(eqn: Any, index: int) -> tuple[int, ...]:
-    return tuple(np.shape(eqn.invars[index].aval))
+    """The shape of an equation's operand `index`."""
+    return tuple(eqn.invars[index].aval.shape)

@@ -5,10 +5,8 @@ number of updates). The trainer adds what it does not: the optimizer, padding ba
 a few fixed shapes, progress, checkpoints, and the epsilon of the steps actually taken.
 """
 
-import dataclasses
 import itertools
 import math
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -19,154 +17,18 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 import optax
-from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree
+from jaxtyping import Array, ArrayLike, Bool, Float, PRNGKeyArray, PyTree
 
-from .._grad import micro_grad
-from ._accounting import compute_epsilon, NeighboringRelation, Real
-from ._clipped_grad import AbstractBoundedSensitivityCallable, ClippedGradAux
-from ._noise import AbstractNoiseTransform
-from ._plan import DPExecutionPlan
-from ._sampling import (
-    BallsInBinsSampling,
-    CyclicPoissonSampling,
-    FixedBatchSampling,
-    gather_padded_batch,
-    pad_to_multiple_of,
-    PoissonSampling,
-    RngLike,
-)
-
-
-class TrainState(eqx.Module):
-    """Everything a training run carries from one step to the next.
-
-    A checkpoint is this state, saved with `eqx.tree_serialise_leaves(path, state)` and
-    read back with `eqx.tree_deserialise_leaves(path, trainer.init(model))`. Pass it to
-    `DPTrainer.fit` with the batch-selection `rng` in its initial state (e.g. the same
-    seed) to resume: the first `step` batches are drawn again and skipped, so the resumed
-    run ends exactly where an uninterrupted one would.
-
-    **Fields:**
-
-    - `model`: the model being trained.
-    - `opt_state`: the optimizer's state.
-    - `noise_state`: the state of the plan's noise (its PRNG key and release count).
-    - `step`: the number of updates made so far, an int32 scalar.
-
-    !!! example
-
-        ```python
-        import equinox as eqx
-        import jax
-        import jax.numpy as jnp
-        import optax
-        import eqx_micro.dp as dp
-
-        loss = lambda model, batch, key: jnp.sum(model(batch["x"][0]) ** 2)
-        trainer = dp.DPTrainer.non_private(
-            loss, optax.sgd(0.1), batch_size=4, iterations=10
-        )
-        model = eqx.nn.Linear(2, 1, key=jax.random.key(0))
-        state = trainer.init(model)
-        assert isinstance(state, dp.TrainState) and state.step == 0
-        ```
-    """
-
-    model: PyTree
-    opt_state: PyTree
-    noise_state: PyTree
-    step: Int[Array, ""]
-
-
-class PrivacyReport(eqx.Module):
-    """The privacy spent by a training run: epsilon at `delta` for the steps taken.
-
-    **Fields:**
-
-    - `epsilon`: the epsilon of the steps taken, with the plan's accountant and
-        neighbouring relation (`inf` for a non-private run, 0 before any step).
-    - `delta`: the delta it is computed at.
-    - `steps`: the number of noisy updates made.
-    - `iterations`: the number the plan allows (and its event accounts for).
-    - `dp_event`: the `dp_accounting` event of the steps taken.
-
-    !!! example
-
-        ```python
-        import eqx_micro.dp as dp
-
-        event = dp.dpsgd_event(1.0, 10, sampling_prob=0.1)
-        report = dp.PrivacyReport(
-            epsilon=1.0, delta=1e-5, steps=10, iterations=20, dp_event=event
-        )
-        assert report.steps < report.iterations
-        ```
-    """
-
-    epsilon: float
-    delta: float
-    steps: int
-    iterations: int
-    dp_event: dp_accounting.DpEvent = eqx.field(static=True)
-
-
-# --------------------------------------------------------------------------------------
-# The non-private baseline: the same plan type, with no clipping and no noise.
-
-
-class _UnclippedGrad(AbstractBoundedSensitivityCallable):
-    """The plain sum of per-example gradients: no clipping, so no sensitivity bound."""
-
-    grad_fn: Callable
-
-    def __call__(
-        self, *args: Any, is_padding_example: ArrayLike | None = None, **kwargs: Any
-    ) -> tuple[PyTree, ClippedGradAux]:
-        if is_padding_example is not None:
-            kwargs["is_padding_example"] = is_padding_example
-        total, per_example = self.grad_fn(*args, **kwargs)
-        aux = ClippedGradAux(
-            values=per_example.values,
-            grad_norms=None,
-            aux=per_example.aux,
-            num_nonfinite=jnp.zeros((), jnp.int32),
-        )
-        return total, aux
-
-    @property
-    def l2_norm_bound(self) -> float:
-        return math.inf
-
-    @property
-    def privacy_unit(self) -> str:
-        return "example"
-
-
-class _NoNoiseState(eqx.Module):
-    count: Int[Array, ""]
-
-
-class _NoNoise(AbstractNoiseTransform):
-    """Adds nothing; counts the updates like the real noise transforms."""
-
-    stddev: Float[Array, ""]
-
-    def __init__(self):
-        self.stddev = jnp.zeros((), jnp.float32)
-
-    def init(self, params: PyTree) -> _NoNoiseState:
-        del params
-        return _NoNoiseState(count=jnp.zeros((), jnp.int32))
-
-    def update(
-        self, updates: PyTree, state: _NoNoiseState, params: Any = None
-    ) -> tuple[PyTree, _NoNoiseState]:
-        del params
-        return updates, _NoNoiseState(count=state.count + 1)
-
-
-# --------------------------------------------------------------------------------------
-# Helpers of `fit`.
+from ... import micro_grad
+from .._accounting import compute_epsilon, NeighboringRelation, Real
+from .._clipping._contract import ClippedGradAux
+from .._plan._plan import DPExecutionPlan, NoisyRelease
+from .._sampling._base import AbstractBatchSelectionStrategy, RngLike
+from .._sampling._fixed import FixedBatchSampling
+from .._sampling._padding import gather_padded_batch, pad_to_multiple_of
+from ._non_private import NoNoise, UnclippedGrad
+from ._progress import Progress
+from ._state import PrivacyReport, TrainState
 
 
 def _check_no_batch_norm(model: PyTree) -> None:
@@ -197,28 +59,15 @@ def _num_examples(data: PyTree) -> int:
     return int(np.shape(leaves[0])[0])
 
 
-def _microbatch_size(fn: Any) -> int | None:
-    """The microbatch size a `clipped_grad` callable splits batches with, if known."""
-    return getattr(getattr(fn, "grad_fn", None), "microbatch_size", None)
-
-
-def _default_multiple(strategy: Any, num_examples: int, microbatch_size: int) -> int:
-    """About two standard deviations of the batch size: a handful of padded shapes."""
-    if isinstance(strategy, FixedBatchSampling):
-        return -(-max(strategy.batch_size, 1) // microbatch_size) * microbatch_size
-    if isinstance(strategy, PoissonSampling | CyclicPoissonSampling):
-        cycle = getattr(strategy, "cycle_length", 1)
-        expected = strategy.sampling_prob * (num_examples // cycle)
-    elif isinstance(strategy, BallsInBinsSampling):
-        expected = num_examples / strategy.cycle_length
-    else:
-        raise TypeError(
-            f"`DPTrainer.fit` cannot choose a padding size for a "
-            f"{type(strategy).__name__}; pass `padding_multiple` (a multiple of the "
-            "microbatch size; every batch is padded to a multiple of it)."
-        )
-    spread = max(2.0 * math.sqrt(max(expected, 1.0)), 1.0)
-    return math.ceil(spread / microbatch_size) * microbatch_size
+def _default_multiple(
+    strategy: AbstractBatchSelectionStrategy, num_examples: int, microbatch_size: int
+) -> int:
+    """About two standard deviations of the batch size, so a handful of padded shapes
+    cover the batches (one shape when the size is fixed)."""
+    spread = 2.0 * strategy.batch_size_stddev(num_examples)
+    if spread == 0.0:
+        spread = strategy.expected_batch_size(num_examples)
+    return max(math.ceil(spread / microbatch_size), 1) * microbatch_size
 
 
 def _pad(indices: np.ndarray, multiple: int, microbatch_size: int | None) -> np.ndarray:
@@ -231,99 +80,6 @@ def _pad(indices: np.ndarray, multiple: int, microbatch_size: int | None) -> np.
     if indices.size == 0:  # The step (and its noise) still runs, on padding only.
         return np.full(multiple, -1, indices.dtype)
     return pad_to_multiple_of(indices, multiple, microbatch_size)
-
-
-def _event_for_steps(plan: DPExecutionPlan, steps: int) -> dp_accounting.DpEvent:
-    """The plan's event cut to `steps` updates, or the whole event (an upper bound)."""
-    event = plan.dp_event
-    if steps >= plan.iterations:
-        return event
-    if steps == 0:
-        return dp_accounting.NoOpDpEvent()
-    if not isinstance(event, dp_accounting.SelfComposedDpEvent):
-        return event
-    # DP-SGD composes one round per step; amplified BandMF one per cycle of
-    # `cycle_length` steps (an example joins at most once per cycle). The count of a
-    # partial run is then the rounds started so far.
-    cycle = getattr(plan.batch_selection_strategy, "cycle_length", 1)
-    if event.count != math.ceil(plan.iterations / cycle):
-        return event
-    return dp_accounting.SelfComposedDpEvent(event.event, math.ceil(steps / cycle))
-
-
-class _Progress:
-    """A tqdm bar if tqdm is installed, else a printed line every tenth of the run.
-
-    Epsilon is computed in a background thread (an accountant call takes a second or
-    more), at most once per tenth of the run, so it never holds up training.
-    """
-
-    def __init__(
-        self, enabled: bool, total: int, initial: int, epsilon_fn: Callable[[int], float]
-    ):
-        self.enabled = enabled
-        self.total = total
-        self.epsilon_fn = epsilon_fn
-        self.every = max(1, total // 100)
-        self.tenth = max(1, total // 10)
-        self.epsilon: tuple[int, float] | None = None
-        self.thread: threading.Thread | None = None
-        self.bar = None
-        self.text: dict[str, str] = {}
-        if not enabled:
-            return
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            print(f"Training: step {initial}/{total}")
-        else:
-            self.bar = tqdm(total=total, initial=initial, desc="training")
-        self._request(initial)
-
-    def _request(self, steps: int) -> None:
-        if self.thread is not None and self.thread.is_alive():
-            return
-
-        def work() -> None:
-            self.epsilon = (steps, self.epsilon_fn(steps))
-
-        self.thread = threading.Thread(target=work, daemon=True)
-        self.thread.start()
-
-    def update(self, steps: int, metrics: dict[str, Array]) -> None:
-        if not self.enabled:
-            return
-        if steps % self.tenth == 0:
-            self._request(steps)
-        if steps % self.every and steps != self.total:
-            if self.bar is not None:
-                self.bar.update(1)
-            return
-        loss = float(metrics["loss"])
-        text = {"loss": "n/a" if math.isnan(loss) else f"{loss:.4f}"}
-        if self.epsilon is not None:
-            text["eps"] = f"{self.epsilon[1]:.3g} (step {self.epsilon[0]})"
-        self.text = text
-        if self.bar is not None:
-            self.bar.set_postfix(text, refresh=False)
-            self.bar.update(1)
-        elif steps % self.tenth == 0 or steps == self.total:
-            details = "  ".join(f"{k} {v}" for k, v in text.items())
-            print(f"Training: step {steps}/{self.total}  {details}")
-
-    def close(self, report: "PrivacyReport") -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.set_postfix({**self.text, "eps": f"{report.epsilon:.3g}"})
-            self.bar.close()
-        print(
-            f"Trained {report.steps} of {report.iterations} steps: "
-            f"epsilon {report.epsilon:.4g} at delta {report.delta:g}."
-        )
-
-
-# --------------------------------------------------------------------------------------
 
 
 class DPTrainer(eqx.Module):
@@ -373,7 +129,7 @@ class DPTrainer(eqx.Module):
         grad_fn = dp.clipped_grad(loss, 1.0, microbatch_size=8, key_argnum=2,
                                   return_values=True)
         plan = dp.DPSGDExecutionPlanConfig(
-            iterations=30, sampling_prob=0.1, noise_multiplier=1.0, accountant="rdp"
+            iterations=30, sampling_prob=0.1, noise_multiplier=1.0, accountant=dp.Accountant.RDP
         ).make(grad_fn)
         trainer = dp.DPTrainer(plan, optax.sgd(0.1, momentum=0.9), normalize_by=20)
         model = eqx.nn.Linear(3, 1, key=jax.random.key(0))
@@ -474,15 +230,22 @@ class DPTrainer(eqx.Module):
             key_argnum=2,
         )
         plan = DPExecutionPlan(
-            clipped_aggregation_fn=_UnclippedGrad(grad_fn),
+            clipped_aggregation_fn=UnclippedGrad(grad_fn, microbatch_size),
             batch_selection_strategy=FixedBatchSampling(batch_size, iterations),
-            noise_addition_transform=_NoNoise(),
+            noise_addition_transform=NoNoise(),
             dp_event=dp_accounting.NonPrivateDpEvent(),
             neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
             noise_multiplier=0.0,
             iterations=iterations,
         )
         return cls(plan, optimizer, normalize_by=batch_size)
+
+    def _check_state(self, state: Any) -> None:
+        if not isinstance(state, TrainState):
+            raise TypeError(
+                "`DPTrainer.step` needs `state` to be a `dp.TrainState` (from "
+                f"`trainer.init(model)`), got {type(state).__name__}."
+            )
 
     def init(self, model: PyTree) -> TrainState:
         """The state before the first step.
@@ -564,17 +327,11 @@ class DPTrainer(eqx.Module):
             assert state.step == 1 and metrics["loss"] > 0
             ```
         """
-        # The accounting fields of the plan are static, so they would key the
-        # compilation cache without being used by the step: blank them, and plans that
-        # differ only in their epsilon share compiled steps.
-        plan = dataclasses.replace(
-            self.plan,
-            dp_event=dp_accounting.NoOpDpEvent(),
-            noise_multiplier=0.0,
-            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-        )
+        # Only the computing part of the plan enters the compiled step: plans that
+        # differ in their accounting (epsilon, noise multiplier) share its compilation.
+        self._check_state(state)
         return _step(
-            plan,
+            self.plan.release,
             self.optimizer,
             self.normalize_by,
             state,
@@ -601,16 +358,14 @@ class DPTrainer(eqx.Module):
             grad_fn = dp.clipped_grad(lambda w, x, key: jnp.sum(w * x), 1.0,
                                       key_argnum=2)
             plan = dp.DPSGDExecutionPlanConfig(
-                iterations=100, sampling_prob=0.1, noise_multiplier=1.0, accountant="rdp"
+                iterations=100, sampling_prob=0.1, noise_multiplier=1.0, accountant=dp.Accountant.RDP
             ).make(grad_fn)
             report = dp.DPTrainer(plan, optax.sgd(0.1)).privacy_report(40, 1e-5)
             event = dp.dpsgd_event(1.0, 40, sampling_prob=0.1)
-            assert report.epsilon == dp.compute_epsilon(event, 1e-5, accountant="rdp")
+            assert report.epsilon == dp.compute_epsilon(event, 1e-5, accountant=dp.Accountant.RDP)
             ```
         """
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"`steps` must be a non-negative int, got {steps!r}.")
-        event = _event_for_steps(self.plan, steps)
+        event = self.plan.event_for_steps(steps)
         if steps == 0:
             epsilon = 0.0
         else:
@@ -687,7 +442,7 @@ class DPTrainer(eqx.Module):
             loss = lambda model, batch, key: jnp.sum((model(batch["x"][0]) - 1.0) ** 2)
             grad_fn = dp.clipped_grad(loss, 1.0, key_argnum=2)
             plan = dp.DPSGDExecutionPlanConfig(
-                iterations=20, sampling_prob=0.2, noise_multiplier=2.0, accountant="rdp"
+                iterations=20, sampling_prob=0.2, noise_multiplier=2.0, accountant=dp.Accountant.RDP
             ).make(grad_fn)
             trainer = dp.DPTrainer(plan, optax.sgd(0.1), normalize_by=10)
             data = {"x": np.ones((50, 2), np.float32)}
@@ -717,7 +472,7 @@ class DPTrainer(eqx.Module):
                 f"`iterations={iterations}`."
             )
         strategy = self.plan.batch_selection_strategy
-        microbatch_size = _microbatch_size(self.plan.clipped_aggregation_fn)
+        microbatch_size = self.plan.clipped_aggregation_fn.microbatch_size
         if padding_multiple is None:
             padding_multiple = _default_multiple(
                 strategy, num_examples, microbatch_size or 1
@@ -725,7 +480,7 @@ class DPTrainer(eqx.Module):
         batches = strategy.batch_iterator(num_examples, rng)
         # Resuming: replay the sampler to where the state stopped.
         batches = itertools.islice(batches, start, None)
-        bar = _Progress(
+        bar = Progress(
             progress,
             iterations,
             start,
@@ -747,7 +502,7 @@ class DPTrainer(eqx.Module):
 
 @eqx.filter_jit
 def _step(
-    plan: DPExecutionPlan,
+    release: NoisyRelease,
     optimizer: optax.GradientTransformation,
     normalize_by: Float[Array, ""],
     state: TrainState,
@@ -756,7 +511,7 @@ def _step(
     key: PRNGKeyArray,
 ) -> tuple[TrainState, dict[str, Array]]:
     key = jax.random.fold_in(key, state.step)
-    grads, noise_state, aux = plan.noisy_grad(
+    grads, noise_state, aux = release(
         state.noise_state,
         state.model,
         batch,
@@ -776,20 +531,17 @@ def _step(
 
 
 def _metrics(
-    aux: Any, is_padding_example: Bool[ArrayLike, " batch"], grads: PyTree
+    aux: ClippedGradAux, is_padding_example: Bool[ArrayLike, " batch"], grads: PyTree
 ) -> dict[str, Array]:
     real = jnp.logical_not(jnp.asarray(is_padding_example))
-    values = getattr(aux, "values", None)
+    values = aux.values
     if eqx.is_array(values) and values.ndim == 1:
         count = jnp.maximum(jnp.sum(real), 1).astype(values.dtype)
         loss = jnp.sum(jnp.where(real, values, jnp.zeros_like(values))) / count
     else:
         loss = jnp.full((), jnp.nan, jnp.float32)
-    nonfinite = getattr(aux, "num_nonfinite", None)
-    if nonfinite is None:
-        nonfinite = jnp.zeros((), jnp.int32)
     return {
         "loss": loss,
-        "num_nonfinite": nonfinite,
+        "num_nonfinite": aux.num_nonfinite,
         "noisy_grad_norm": optax.tree.norm(grads),
     }

@@ -1,4 +1,4 @@
-"""L2 clipping of gradient PyTrees, globally or per layer."""
+"""L2 clipping of PyTrees, globally or per layer: `clip_pytree` and `ClipL2`."""
 
 import math
 from typing import Any
@@ -35,7 +35,8 @@ def _global_norm(tree: Any) -> Float[Array, ""]:
     return jnp.sqrt(sum(squares, jnp.float32(0)))
 
 
-def _scale(norm: Any, clip: Any, rescale_to_unit_norm: bool) -> Any:
+def clip_scale(norm: Any, clip: Any, rescale_to_unit_norm: bool) -> Any:
+    """The factor `clip_pytree` scales a tree of L2 norm `norm` by (float32)."""
     clip = jnp.asarray(clip, jnp.float32)
     scale = jnp.minimum(1.0, clip / norm)  # norm 0: clip / 0 = inf, so scale 1.
     if rescale_to_unit_norm:
@@ -113,7 +114,7 @@ def clip_scales(
 
     def subtree_scale(clip, subtree):
         norm = _global_norm(subtree)
-        scale = _scale(norm, clip, rescale_to_unit_norm)
+        scale = clip_scale(norm, clip, rescale_to_unit_norm)
         return jtu.tree_map(lambda x: scale if eqx.is_array(x) else x, subtree), norm
 
     try:

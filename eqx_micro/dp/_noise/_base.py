@@ -1,0 +1,129 @@
+"""The noise contract: optax-style transformations whose PRNG key lives in their state."""
+
+import abc
+import math
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
+
+
+class AbstractNoiseState(eqx.Module):
+    """The state of a noise transform: what a plan reads from it is declared here.
+
+    - `count`: the number of noised updates so far (an int32 scalar); a plan refuses a
+        release once it reaches the plan's `iterations`.
+
+    !!! example
+
+        ```python
+        import eqx_micro.dp as dp
+
+        state = dp.GaussianNoise(1.0, key=0).init(None)
+        assert isinstance(state, dp.AbstractNoiseState) and state.count == 0
+        ```
+    """
+
+    count: eqx.AbstractVar[Int[Array, ""]]
+
+
+class AbstractNoiseTransform(eqx.Module):
+    """Noise for a bounded-sensitivity output, with optax's transformation protocol.
+
+    The contract a subclass implements:
+
+    - `init(params) -> state`: the state before the first release; `params` gives the
+        structure of the updates (a model, or its gradient).
+    - `update(updates, state, params=None) -> (noised_updates, new_state)`: adds this
+        step's noise to every array leaf of `updates`; `None` leaves stay `None`. The
+        PRNG key lives in the state, so no step reuses noise.
+    - `stddev`: the standard deviation of the underlying Gaussian draws.
+    - `state_type`: the class of the states `init` returns (a subclass of
+        `dp.AbstractNoiseState`), so a state can be checked against the transform.
+
+    Subclasses work inside `optax.chain` and as an execution plan's
+    `noise_addition_transform`.
+
+    !!! example
+
+        ```python
+        import eqx_micro.dp as dp
+
+        assert issubclass(dp.GaussianNoise, dp.AbstractNoiseTransform)
+        assert issubclass(dp.BandMFNoise, dp.AbstractNoiseTransform)
+        ```
+    """
+
+    stddev: eqx.AbstractVar[Float[Array, ""]]
+    state_type: eqx.AbstractClassVar[type[AbstractNoiseState]]
+
+    @abc.abstractmethod
+    def init(self, params: PyTree) -> AbstractNoiseState:
+        """The state before the first update."""
+
+    @abc.abstractmethod
+    def update(
+        self, updates: PyTree, state: AbstractNoiseState, params: Any = None
+    ) -> tuple[PyTree, AbstractNoiseState]:
+        """Adds this step's noise to `updates`; returns `(noised, new_state)`."""
+
+
+def key_from(key: PRNGKeyArray | int) -> PRNGKeyArray:
+    if isinstance(key, bool) or not (isinstance(key, int) or eqx.is_array(key)):
+        raise TypeError(
+            "`key` must be a PRNG key (e.g. `jax.random.key(seed)`) or an int seed, got "
+            f"{type(key).__name__}."
+        )
+    if isinstance(key, int):
+        return jax.random.key(key)
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        raise TypeError(
+            "`key` must be a typed PRNG key from `jax.random.key`, got an array of dtype "
+            f"{key.dtype}; wrap raw key data with `jax.random.wrap_key_data`."
+        )
+    if key.shape != ():
+        raise ValueError(f"`key` must be a single key, got shape {key.shape}.")
+    return key
+
+
+def check_stddev(stddev: Any) -> Float[Array, ""]:
+    if not isinstance(stddev, jax.core.Tracer):
+        value = float(np.asarray(stddev))
+        if math.isnan(value) or math.isinf(value) or value < 0:
+            raise ValueError(f"`stddev` must be a finite non-negative number, got {value}.")
+    return jnp.asarray(stddev, jnp.float32)
+
+
+def step_keys(key: PRNGKeyArray, key_data: Array) -> tuple[PRNGKeyArray, PRNGKeyArray]:
+    """`(next_key, step_key)` from a state's raw key data (of `key`'s implementation)."""
+    key = jax.random.wrap_key_data(key_data, impl=jax.random.key_impl(key))
+    next_key, step_key = jax.random.split(key)
+    return next_key, step_key
+
+
+def noise_dtype(dtype: Any) -> Any:
+    # Draw narrow floats in float32 (bf16 normals are coarse), wider ones as they are.
+    return dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
+
+
+def scaled_normals(
+    leaves: list, stddev: Float[Array, ""], key: PRNGKeyArray
+) -> list[tuple[int, Array]]:
+    """`(index, stddev * N(0, 1) noise)` for every array leaf, one key per leaf."""
+    arrays = [i for i, leaf in enumerate(leaves) if eqx.is_array(leaf)]
+    for i in arrays:
+        if not jnp.issubdtype(leaves[i].dtype, jnp.inexact):
+            raise TypeError(
+                f"Gaussian noise needs floating-point leaves, got a leaf of dtype "
+                f"{leaves[i].dtype}; gradients of integer parameters are not noised."
+            )
+    keys = jax.random.split(key, max(len(arrays), 1))
+    noises = []
+    for key_index, i in enumerate(arrays):
+        dtype = noise_dtype(leaves[i].dtype)
+        normal = jax.random.normal(keys[key_index], leaves[i].shape, dtype)
+        noises.append((i, stddev.astype(dtype) * normal))
+    return noises

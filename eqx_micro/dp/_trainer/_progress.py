@@ -1,0 +1,81 @@
+"""The training progress bar: the loss, and the epsilon spent, computed off the loop."""
+
+import math
+import threading
+from collections.abc import Callable
+
+from jaxtyping import Array
+
+from ._state import PrivacyReport
+
+
+class Progress:
+    """A tqdm bar if tqdm is installed, else a printed line every tenth of the run.
+
+    Epsilon is computed in a background thread (an accountant call takes a second or
+    more), at most once per tenth of the run, so it never holds up training.
+    """
+
+    def __init__(
+        self, enabled: bool, total: int, initial: int, epsilon_fn: Callable[[int], float]
+    ):
+        self.enabled = enabled
+        self.total = total
+        self.epsilon_fn = epsilon_fn
+        self.every = max(1, total // 100)
+        self.tenth = max(1, total // 10)
+        self.epsilon: tuple[int, float] | None = None
+        self.thread: threading.Thread | None = None
+        self.bar = None
+        self.text: dict[str, str] = {}
+        if not enabled:
+            return
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            print(f"Training: step {initial}/{total}")
+        else:
+            self.bar = tqdm(total=total, initial=initial, desc="training")
+        self._request(initial)
+
+    def _request(self, steps: int) -> None:
+        if self.thread is not None and self.thread.is_alive():
+            return
+
+        def work() -> None:
+            self.epsilon = (steps, self.epsilon_fn(steps))
+
+        self.thread = threading.Thread(target=work, daemon=True)
+        self.thread.start()
+
+    def update(self, steps: int, metrics: dict[str, Array]) -> None:
+        if not self.enabled:
+            return
+        if steps % self.tenth == 0:
+            self._request(steps)
+        if steps % self.every and steps != self.total:
+            if self.bar is not None:
+                self.bar.update(1)
+            return
+        loss = float(metrics["loss"])
+        text = {"loss": "n/a" if math.isnan(loss) else f"{loss:.4f}"}
+        if self.epsilon is not None:
+            text["eps"] = f"{self.epsilon[1]:.3g} (step {self.epsilon[0]})"
+        self.text = text
+        if self.bar is not None:
+            self.bar.set_postfix(text, refresh=False)
+            self.bar.update(1)
+        elif steps % self.tenth == 0 or steps == self.total:
+            details = "  ".join(f"{k} {v}" for k, v in text.items())
+            print(f"Training: step {steps}/{self.total}  {details}")
+
+    def close(self, report: PrivacyReport) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix({**self.text, "eps": f"{report.epsilon:.3g}"})
+            self.bar.close()
+        print(
+            f"Trained {report.steps} of {report.iterations} steps: "
+            f"epsilon {report.epsilon:.4g} at delta {report.delta:g}."
+        )

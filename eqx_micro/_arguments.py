@@ -92,10 +92,10 @@ def describe_leaf(path: tuple, param_names: Sequence[str]) -> str:
     """`(args, kwargs)` key path -> `x['a']`, the way the user passed it."""
     group, key, *rest = path
     if group.idx == 0:
-        index = key.idx
+        index = int(key.idx)
         head = param_names[index] if index < len(param_names) else f"args[{index}]"
     else:
-        head = str(key.key)
+        head = f"{key.key}"
     return head + jtu.keystr(tuple(rest))
 
 

@@ -15,6 +15,7 @@ keeps its tweaks; trace a fresh one to see the difference.
 
 import contextlib
 import enum
+import importlib.metadata
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -86,7 +87,8 @@ _disabled: frozenset[Tweak] = _from_environment()
 
 
 def _jaxlib_version() -> tuple[int, ...]:
-    return tuple(int(part) for part in re.findall(r"\d+", jax.lib.__version__)[:3])
+    version = importlib.metadata.version("jaxlib")
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
 
 
 def _ynnpack_reduce_fusion_on() -> bool:

@@ -149,15 +149,18 @@ class _MicroGrad(AbstractTransformed):
                 + f", but the function was called with {len(args)} positional arguments. "
                 "Pass those arguments by position, or fix the argument numbers."
             )
-        args = list(args)
-        batched = [i in self.batch_argnums for i in range(len(args))]
+        arg_list = list(args)
+        batched = [i in self.batch_argnums for i in range(len(arg_list))]
         if self.key_argnum is not None:
-            args[self.key_argnum] = self._per_example_keys(args[self.key_argnum], args)
+            key = arg_list[self.key_argnum]
+            arg_list[self.key_argnum] = self._per_example_keys(key, arg_list)
             batched[self.key_argnum] = True
         args_axes = tuple(0 if b else None for b in batched)
         kwargs_axes = {name: (0 if name == PADDING else None) for name in kwargs}
-        inputs = (tuple(args), kwargs)
-        axes = broadcast_axes((args_axes, kwargs_axes), inputs, "micro_grad", "in_axes")
+        inputs = (tuple(arg_list), kwargs)
+        axes = broadcast_axes(
+            (args_axes, kwargs_axes), inputs, "micro_grad", "batch_argnums"
+        )
         accumulators = (self.accumulator.tree, Concat())
         batched_t = tuple(batched)
         accumulated, per_example = call_vmapped(

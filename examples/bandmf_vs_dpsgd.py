@@ -24,6 +24,7 @@ they are not DP-SGD's best setting on this data (`dp_digits` uses 512 at epsilon
 The full run writes `examples/results/bandmf_vs_dpsgd.md` and `bandmf_vs_dpsgd.png`.
 """
 
+import math
 import pathlib
 import time
 
@@ -72,26 +73,33 @@ def make_plan(
         loss, CLIP_NORM, microbatch_size=MICROBATCH_SIZE, key_argnum=2, return_values=True
     )
     iterations = round(epochs * num_examples / batch_size)
-    target = (
-        {"epsilon": epsilon, "delta": DELTA}
-        if noise_multiplier is None
-        else {"noise_multiplier": noise_multiplier}
-    )
-    common = dict(
-        num_examples=num_examples, accountant=ACCOUNTANT, noise_seed=seed, **target
-    )
+    # Calibrated to (epsilon, DELTA), or at a noise multiplier found before.
+    epsilon_or_none = epsilon if noise_multiplier is None else None
+    delta = DELTA if noise_multiplier is None else None
     if num_bands == 1:
         config = dp.DPSGDExecutionPlanConfig(
-            iterations=iterations, sampling_prob=batch_size / num_examples, **common
-        )
-    else:
-        group_size = num_examples // num_bands  # Equal groups; the rest never sampled.
-        config = dp.BandMFExecutionPlanConfig(
             iterations=iterations,
-            num_bands=num_bands,
-            sampling_prob=min(1.0, batch_size / group_size),
-            **common,
+            sampling_prob=batch_size / num_examples,
+            epsilon=epsilon_or_none,
+            delta=delta,
+            noise_multiplier=noise_multiplier,
+            num_examples=num_examples,
+            accountant=ACCOUNTANT,
+            noise_seed=seed,
         )
+        return config.make(grad_fn)
+    group_size = num_examples // num_bands  # Equal groups; the rest never sampled.
+    config = dp.BandMFExecutionPlanConfig(
+        iterations=iterations,
+        num_bands=num_bands,
+        sampling_prob=min(1.0, batch_size / group_size),
+        epsilon=epsilon_or_none,
+        delta=delta,
+        noise_multiplier=noise_multiplier,
+        num_examples=num_examples,
+        accountant=ACCOUNTANT,
+        noise_seed=seed,
+    )
     return config.make(grad_fn)
 
 
@@ -210,6 +218,7 @@ def main(quick: bool = False) -> None:
             row = {"epsilon": epsilon, "mechanism": mechanism, "bands": bands}
             row.update(steps=iterations, batch=batch_size, accuracies=[])
             noise_multiplier = None  # Calibrated once, reused by the other seeds.
+            rmse = math.nan
             for seed in seeds:
                 plan = make_plan(
                     num_examples,
@@ -221,6 +230,7 @@ def main(quick: bool = False) -> None:
                     noise_multiplier,
                 )
                 noise_multiplier = plan.noise_multiplier
+                rmse = plan.prefix_sum_rmse()
                 model, report = train(plan, train_data, batch_size, seed)
                 row["accuracies"].append(float(accuracy(model, test)))
                 print(
@@ -229,7 +239,7 @@ def main(quick: bool = False) -> None:
                     f"{row['accuracies'][-1]:.1%}, epsilon spent {report.epsilon:.3f} "
                     f"({report.steps} steps, noise multiplier {noise_multiplier:.3f})"
                 )
-            row.update(noise_multiplier=noise_multiplier, rmse=plan.prefix_sum_rmse())
+            row.update(noise_multiplier=noise_multiplier, rmse=rmse)
             rows.append(row)
     text = f"{table(rows)}\n\n{summary(rows)}"
     print(text)

@@ -13,6 +13,7 @@ The full run writes `examples/results/dp_digits.md` (the table) and `dp_digits.p
 
 import pathlib
 import time
+from collections.abc import Callable
 
 import dp_accounting
 import equinox as eqx
@@ -49,10 +50,11 @@ ACCOUNTANT = dp_accounting.pld.PLDAccountant(
 )
 
 Data = dict[str, Array]
-# The training functions return `eqx.Module`, not `CNN`: the type-check hook resolves
-# return annotations by their dotted name, so when the tests run this file again with
-# `runpy` after another example imported it, `examples.dp_digits.CNN` would name the
-# first import's class and reject this run's models.
+# What the training functions return: a model mapping images to logits. Not `CNN`: the
+# type-check hook resolves return annotations by their dotted name, so when the tests
+# run this file again with `runpy` after another example imported it,
+# `examples.dp_digits.CNN` would name the first import's class and reject this run's.
+Classifier = Callable[[Array], Array]
 
 
 def load_digits(seed: int = 0) -> tuple[Data, Data]:
@@ -101,7 +103,7 @@ def loss(model: CNN, batch: Data, key: PRNGKeyArray) -> Float[Array, ""]:
 
 
 @eqx.filter_jit
-def accuracy(model: CNN, data: Data) -> Float[Array, ""]:
+def accuracy(model: Classifier, data: Data) -> Float[Array, ""]:
     predictions = jnp.argmax(jax.vmap(model)(data["image"]), axis=1)
     labels: Int[Array, " n"] = data["label"]
     return jnp.mean((predictions == labels).astype(jnp.float32))
@@ -121,7 +123,7 @@ def train_dp(
     epochs: int,
     noise_multiplier: float | None,
     progress: bool,
-) -> tuple[eqx.Module, dp.PrivacyReport, float]:
+) -> tuple[Classifier, dp.PrivacyReport, float]:
     """DP-SGD with Poisson sampling; returns the model, its report and the noise."""
     num_examples = train["label"].shape[0]
     sampling_prob = batch_size / num_examples
@@ -129,17 +131,14 @@ def train_dp(
         loss, CLIP_NORM, microbatch_size=MICROBATCH_SIZE, key_argnum=2, return_values=True
     )
     # Calibrate once per epsilon; the other seeds reuse the noise multiplier.
-    target = (
-        {"epsilon": epsilon, "delta": DELTA}
-        if noise_multiplier is None
-        else {"noise_multiplier": noise_multiplier}
-    )
     plan = dp.DPSGDExecutionPlanConfig(
         iterations=round(epochs / sampling_prob),
         sampling_prob=sampling_prob,
+        epsilon=epsilon if noise_multiplier is None else None,
+        delta=DELTA if noise_multiplier is None else None,
+        noise_multiplier=noise_multiplier,
         accountant=ACCOUNTANT,
         noise_seed=seed,  # Reproducible here; leave it None (secret) in a real release.
-        **target,
     ).make(grad_fn)
     trainer = dp.DPTrainer(plan, DP_OPTIMIZER, normalize_by=batch_size)
     model, report = trainer.fit(
@@ -166,7 +165,7 @@ def padding_multiple(batch_size: int) -> int:
 
 def train_baseline(
     train: Data, seed: int, epochs: int, progress: bool
-) -> tuple[eqx.Module, dp.PrivacyReport]:
+) -> tuple[Classifier, dp.PrivacyReport]:
     batch_size = 64
     num_examples = train["label"].shape[0]
     trainer = dp.DPTrainer.non_private(
@@ -210,7 +209,7 @@ def plot(results: dict[str, list[float]], path: pathlib.Path) -> None:
     eps = [float(name.split("=")[1]) for name in dp_names]
     means = [100 * np.mean(results[name]) for name in dp_names]
     stds = [100 * np.std(results[name]) for name in dp_names]
-    baseline = 100 * np.mean(results["non-private"])
+    baseline = 100 * float(np.mean(results["non-private"]))
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.errorbar(eps, means, yerr=stds, marker="o", capsize=3, label="DP-SGD")
     ax.axhline(baseline, color="gray", linestyle="--", label="non-private")

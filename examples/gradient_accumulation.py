@@ -121,7 +121,8 @@ def train(
             state=state,
             has_aux=True,
         )
-        updates, opt_state = optimizer.update(out.grads, opt_state, model)
+        params = eqx.filter(model, eqx.is_array)
+        updates, opt_state = optimizer.update(out.grads, opt_state, params)
         return eqx.apply_updates(model, updates), out.state, opt_state, out.loss, out.aux
 
     rng = np.random.default_rng(seed)

@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import pytest
 
 import eqx_micro as em
-from eqx_micro import _backend
 from eqx_micro._backend import replay as replay_channels_last
 
 from .helpers import assert_tree_allclose

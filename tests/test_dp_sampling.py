@@ -41,11 +41,6 @@ class _Fixed(dp.AbstractBatchSelectionStrategy):
     """Yields the given batches: a user-defined strategy is just a subclass."""
 
     batches: tuple[tuple[int, ...], ...]
-    cycle_length: int = 1
-
-    @property
-    def iterations(self):
-        return len(self.batches)
 
     def batch_iterator(self, num_examples, rng):
         return (np.array(b, np.int32) for b in self.batches)
@@ -55,6 +50,9 @@ class _Fixed(dp.AbstractBatchSelectionStrategy):
 
     def batch_size_stddev(self, num_examples):
         return float(np.std([len(b) for b in self.batches]))
+
+    def min_separation(self):
+        return 1
 
 
 # ---------------------------------------------------------------- Poisson sampling
@@ -581,7 +579,7 @@ def test_abstract_strategy_cannot_be_instantiated():
         dp.AbstractBatchSelectionStrategy()  # type: ignore[abstract]
 
 
-# ------------------------------------------------ batch-size moments (the trainer pads by them)
+# ----------------------------- batch-size moments (the trainer pads by them)
 
 
 @pytest.mark.parametrize(

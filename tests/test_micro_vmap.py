@@ -101,8 +101,8 @@ def test_padding_mask_reaches_each_example(getkey):
 
 
 # Sum and Mean fold large per-example outputs into the carry a block of rows at a time
-# (`_engine._FoldInChunks`, on XLA:CPU): leaves above 256 KiB, here 300 x 250 float32 (293 KiB, 2
-# blocks) and 1001 x 300 (1.1 MiB, 5 blocks of 201 rows, the last one short).
+# (`_engine._FoldInChunks`, on XLA:CPU): leaves above 256 KiB, here 300 x 250 float32
+# (293 KiB, 2 blocks) and 1001 x 300 (1.1 MiB, 5 blocks of 201 rows, the last short).
 @pytest.mark.parametrize("accumulator", [em.Sum(), em.Mean(), em.Sum(jnp.float32)])
 @pytest.mark.parametrize("num_real", [None, 3])
 def test_large_outputs_fold_in_blocks_exactly(accumulator, num_real, getkey):

@@ -18,6 +18,7 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.core
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
@@ -170,15 +171,15 @@ class BoundedSensitivityCallable(AbstractBoundedSensitivityCallable):
                 f"`batch_argnums={self.loss.batch_argnums}`; pass the batch there."
             )
         batch_size = min(sizes)  # the engine names any mismatch
-        args = list(args)
+        arg_list = list(args)
         if self.loss.key_argnum is not None:
-            key = args[self.loss.key_argnum]
+            key = arg_list[self.loss.key_argnum]
             name = f"args[{self.loss.key_argnum}]` (`key_argnum={self.loss.key_argnum}`)"
             check_key(key, name, caller)
-            args[self.loss.key_argnum] = per_example_keys(key, batch_size)
+            arg_list[self.loss.key_argnum] = per_example_keys(key, batch_size)
         if mask is not None:
             kwargs = {**kwargs, PADDING: mask}
-        return tuple(args), kwargs, batch_size
+        return tuple(arg_list), kwargs, batch_size
 
     def __call__(
         self,

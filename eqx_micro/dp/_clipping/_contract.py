@@ -99,9 +99,15 @@ class AbstractBoundedSensitivityCallable(eqx.Module):
         class ThresholdCount(dp.AbstractBoundedSensitivityCallable):
             # How many rows exceed a threshold: each row adds 0 or 1.
             threshold: float
-            l2_norm_bound: float = 1.0
-            privacy_unit: dp.PrivacyUnit = dp.PrivacyUnit.EXAMPLE
             microbatch_size: int | None = None
+
+            @property
+            def l2_norm_bound(self):
+                return 1.0
+
+            @property
+            def privacy_unit(self):
+                return dp.PrivacyUnit.EXAMPLE
 
             def __call__(self, x, is_padding_example=None):
                 hits = (x > self.threshold).astype(jnp.float32)
@@ -116,9 +122,17 @@ class AbstractBoundedSensitivityCallable(eqx.Module):
         ```
     """
 
-    l2_norm_bound: eqx.AbstractVar[float]
-    privacy_unit: eqx.AbstractVar[PrivacyUnit]
     microbatch_size: eqx.AbstractVar[int | None]
+
+    @property
+    @abc.abstractmethod
+    def l2_norm_bound(self) -> float:
+        """The L2 sensitivity under add-or-remove-one."""
+
+    @property
+    @abc.abstractmethod
+    def privacy_unit(self) -> PrivacyUnit:
+        """What one row of the batch is."""
 
     @abc.abstractmethod
     def __call__(self, *args: Any, **kwargs: Any) -> tuple[PyTree, ClippedGradAux]:

@@ -129,18 +129,18 @@ class _Call(NamedTuple):
 
 def _split_call(loss: ExampleLoss, args: tuple, kwargs: dict) -> _Call:
     arg_names = positional_names(signature_of(loss.fun))
-    args = list(args)
+    arg_list: list[Any] = list(args)
     params, names, treedefs, statics = [], [], [], []
     for i in loss.argnums:
-        dynamic, static = eqx.partition(args[i], eqx.is_inexact_array)
+        dynamic, static = eqx.partition(arg_list[i], eqx.is_inexact_array)
         flat, treedef = jtu.tree_flatten_with_path(dynamic)
         head = arg_names[i] if i < len(arg_names) else f"args[{i}]"
         names.extend(head + jtu.keystr(path) for path, _ in flat)
         params.extend(leaf for _, leaf in flat)
         treedefs.append(treedef)
         statics.append(static)
-        args[i] = None
-    rest_arrays, rest_static = eqx.partition((tuple(args), kwargs), eqx.is_array)
+        arg_list[i] = None
+    rest_arrays, rest_static = eqx.partition((tuple(arg_list), kwargs), eqx.is_array)
     flat_rest, rest_treedef = jtu.tree_flatten_with_path(rest_arrays)
     batched = [path[0].idx == 0 and loss.is_batched(path[1].idx) for path, _ in flat_rest]
     expand = [

@@ -100,7 +100,7 @@ def _check_coefs(
 
 def _prefix_sums_numpy(coefs: np.ndarray, iterations: int) -> np.ndarray:
     """β = C⁻¹ 1 by the recurrence, in float64."""
-    return scipy.signal.lfilter([1.0], coefs, np.ones(iterations))
+    return np.asarray(scipy.signal.lfilter([1.0], coefs, np.ones(iterations)))
 
 
 def sqrt_toeplitz_coefs(num_bands: int) -> Float64[np.ndarray, " num_bands"]:
@@ -381,7 +381,8 @@ def _minimize(
 
     initial = (init, optimizer.init(init), jnp.asarray(jnp.inf, init.dtype))
     coefs, state, _ = jax.lax.while_loop(keep_going, step, initial)
-    return coefs, otu.tree_get(state, "count"), stationarity(coefs, state)
+    steps = jnp.asarray(otu.tree_get(state, "count"))
+    return jnp.asarray(coefs), steps, stationarity(coefs, state)
 
 
 def _run_minimize(

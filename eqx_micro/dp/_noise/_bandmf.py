@@ -1,6 +1,6 @@
 """Correlated noise for banded matrix factorization (BandMF), streamed step by step."""
 
-from typing import Any, ClassVar
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -48,7 +48,7 @@ class BandMFNoiseState(AbstractNoiseState):
     history: PyTree[Float[Array, "bands_minus_one ..."]]
 
 
-class BandMFNoise(AbstractNoiseTransform):
+class BandMFNoise(AbstractNoiseTransform[BandMFNoiseState]):
     """Correlated noise `C⁻¹ z` for banded matrix factorization (BandMF).
 
     `C` is the lower-triangular banded Toeplitz strategy matrix with first column
@@ -106,7 +106,6 @@ class BandMFNoise(AbstractNoiseTransform):
     """
 
     coefs: Float[Array, " bands"]
-    state_type: ClassVar[type[BandMFNoiseState]] = BandMFNoiseState
     stddev: Float[Array, ""]
     key: PRNGKeyArray
 
@@ -144,6 +143,20 @@ class BandMFNoise(AbstractNoiseTransform):
             ```
         """
         return self.coefs.shape[0]
+
+    @property
+    def state_type(self) -> type[BandMFNoiseState]:
+        """`dp.BandMFNoiseState`, the class of this transform's states.
+
+        !!! example
+
+            ```python
+            import eqx_micro.dp as dp
+
+            assert dp.BandMFNoise([1.0, 0.5], 1.0, key=0).state_type is dp.BandMFNoiseState
+            ```
+        """
+        return BandMFNoiseState
 
     def init(self, params: PyTree) -> BandMFNoiseState:
         """The state before the first update: zero history shaped like `params`.

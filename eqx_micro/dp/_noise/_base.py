@@ -2,10 +2,11 @@
 
 import abc
 import math
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import equinox as eqx
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
@@ -30,7 +31,10 @@ class AbstractNoiseState(eqx.Module):
     count: eqx.AbstractVar[Int[Array, ""]]
 
 
-class AbstractNoiseTransform(eqx.Module):
+_State = TypeVar("_State", bound=AbstractNoiseState)
+
+
+class AbstractNoiseTransform(eqx.Module, Generic[_State]):
     """Noise for a bounded-sensitivity output, with optax's transformation protocol.
 
     The contract a subclass implements:
@@ -58,16 +62,20 @@ class AbstractNoiseTransform(eqx.Module):
     """
 
     stddev: eqx.AbstractVar[Float[Array, ""]]
-    state_type: eqx.AbstractClassVar[type[AbstractNoiseState]]
+
+    @property
+    @abc.abstractmethod
+    def state_type(self) -> type[_State]:
+        """The class of the states `init` returns."""
 
     @abc.abstractmethod
-    def init(self, params: PyTree) -> AbstractNoiseState:
+    def init(self, params: PyTree) -> _State:
         """The state before the first update."""
 
     @abc.abstractmethod
     def update(
-        self, updates: PyTree, state: AbstractNoiseState, params: Any = None
-    ) -> tuple[PyTree, AbstractNoiseState]:
+        self, updates: PyTree, state: _State, params: Any = None
+    ) -> tuple[PyTree, _State]:
         """Adds this step's noise to `updates`; returns `(noised, new_state)`."""
 
 

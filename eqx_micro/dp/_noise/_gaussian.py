@@ -1,6 +1,6 @@
 """Independent Gaussian noise for every release: DP-SGD."""
 
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +43,7 @@ class GaussianNoiseState(AbstractNoiseState):
     count: Int[Array, ""]
 
 
-class GaussianNoise(AbstractNoiseTransform):
+class GaussianNoise(AbstractNoiseTransform[GaussianNoiseState]):
     """Adds N(0, stddev²) noise to every leaf of a clipped gradient sum.
 
     An optax-style transformation (`init(params) -> state`, `update(updates, state,
@@ -83,13 +83,26 @@ class GaussianNoise(AbstractNoiseTransform):
         ```
     """
 
-    state_type: ClassVar[type[GaussianNoiseState]] = GaussianNoiseState
     stddev: Float[Array, ""]
     key: PRNGKeyArray
 
     def __init__(self, stddev: float | Float[ArrayLike, ""], key: PRNGKeyArray | int):
         self.stddev = check_stddev(stddev)
         self.key = key_from(key)
+
+    @property
+    def state_type(self) -> type[GaussianNoiseState]:
+        """`dp.GaussianNoiseState`, the class of this transform's states.
+
+        !!! example
+
+            ```python
+            import eqx_micro.dp as dp
+
+            assert dp.GaussianNoise(1.0, key=0).state_type is dp.GaussianNoiseState
+            ```
+        """
+        return GaussianNoiseState
 
     def init(self, params: PyTree) -> GaussianNoiseState:
         """The state before the first update; `params` is ignored.

@@ -168,7 +168,9 @@ class BandMFExecutionPlanConfig(eqx.Module):
                 num_bands=self.num_bands,
                 sampling_prob=self.sampling_prob,
             )
-        # Truncation needs EQUAL_SPLIT (checked at init): every group has n // b.
+        # Truncation needs EQUAL_SPLIT and `num_examples` (checked at init): every
+        # group has n // b.
+        assert self.num_examples is not None
         largest = self.num_examples // self.num_bands
         return truncated_amplified_bandmf_event(
             noise_multiplier,

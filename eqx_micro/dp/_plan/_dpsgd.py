@@ -91,6 +91,7 @@ class DPSGDExecutionPlanConfig(eqx.Module):
             return dpsgd_event(
                 noise_multiplier, self.iterations, sampling_prob=self.sampling_prob
             )
+        assert self.num_examples is not None  # checked at init with the truncation
         return truncated_dpsgd_event(
             noise_multiplier,
             self.iterations,

@@ -11,6 +11,7 @@ from typing import Any
 import dp_accounting
 import equinox as eqx
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Int, PyTree
@@ -314,7 +315,7 @@ class DPExecutionPlan(eqx.Module):
         """The privacy event of the first `steps` updates of the plan.
 
         For a partial run, the plan's self-composed event with its count cut to the
-        rounds taken: one per step, or one per `cycle_length` steps of the batch
+        rounds taken: one per step, or one per `min_separation()` steps of the batch
         selection (an example joins at most once per cycle, as in amplified BandMF).
         Any other event is returned whole, an upper bound.
 
@@ -338,7 +339,7 @@ class DPExecutionPlan(eqx.Module):
             return dp_accounting.NoOpDpEvent()
         if not isinstance(event, dp_accounting.SelfComposedDpEvent):
             return event
-        cycle = self.batch_selection_strategy.cycle_length
+        cycle = self.batch_selection_strategy.min_separation()
         if event.count != math.ceil(self.iterations / cycle):
             return event
         return dp_accounting.SelfComposedDpEvent(event.event, math.ceil(steps / cycle))

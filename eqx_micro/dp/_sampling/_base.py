@@ -93,15 +93,14 @@ class AbstractBatchSelectionStrategy(eqx.Module):
     public (it enters the privacy accounting); the dataset size and the generator are
     call arguments, as both may be private. What a subclass provides:
 
-    - `iterations`: the number of batches `batch_iterator` yields.
-    - `cycle_length`: the least number of steps between two batches an example can
-        both be in (1 if it can be in consecutive ones). Accounting a partial run
-        counts one round per cycle.
     - `batch_iterator(num_examples, rng)`: the batches, as 1-D signed integer arrays
         of example indices in `[0, num_examples)`; sizes may vary.
     - `expected_batch_size(num_examples)` and `batch_size_stddev(num_examples)`: the
         mean and standard deviation of the batch size, from which a trainer picks the
         few padded shapes it compiles for.
+    - `min_separation()`: the least number of steps between two batches one example
+        can both be in (1 if it can be in consecutive ones); accounting a partial run
+        counts one round per that many steps.
 
     !!! example
 
@@ -111,7 +110,6 @@ class AbstractBatchSelectionStrategy(eqx.Module):
 
         class EveryExample(dp.AbstractBatchSelectionStrategy):
             iterations: int
-            cycle_length: int = 1
 
             def batch_iterator(self, num_examples, rng):
                 return (np.arange(num_examples) for _ in range(self.iterations))
@@ -122,15 +120,15 @@ class AbstractBatchSelectionStrategy(eqx.Module):
             def batch_size_stddev(self, num_examples):
                 return 0.0
 
+            def min_separation(self):
+                return 1
+
         assert [b.tolist() for b in EveryExample(2).batch_iterator(3, rng=0)] == [
             [0, 1, 2],
             [0, 1, 2],
         ]
         ```
     """
-
-    iterations: eqx.AbstractVar[int]
-    cycle_length: eqx.AbstractVar[int]
 
     @abc.abstractmethod
     def batch_iterator(self, num_examples: int, rng: RngLike) -> Iterator[np.ndarray]:
@@ -178,6 +176,20 @@ class AbstractBatchSelectionStrategy(eqx.Module):
             import eqx_micro.dp as dp
 
             assert dp.FixedBatchSampling(8, 10).batch_size_stddev(1000) == 0.0
+            ```
+        """
+
+    @abc.abstractmethod
+    def min_separation(self) -> int:
+        """The least number of steps between two batches one example can both be in.
+
+        !!! example
+
+            ```python
+            import eqx_micro.dp as dp
+
+            assert dp.PoissonSampling(0.1, 10).min_separation() == 1
+            assert dp.BallsInBinsSampling(10, cycle_length=5).min_separation() == 5
             ```
         """
 

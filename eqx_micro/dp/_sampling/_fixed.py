@@ -97,6 +97,19 @@ class BallsInBinsSampling(AbstractBatchSelectionStrategy):
         for step in range(self.iterations):
             yield bins[step % self.cycle_length].copy()
 
+    def min_separation(self) -> int:
+        """`cycle_length`: an example joins one step of each cycle.
+
+        !!! example
+
+            ```python
+            import eqx_micro.dp as dp
+
+            assert dp.BallsInBinsSampling(6, cycle_length=3).min_separation() == 3
+            ```
+        """
+        return self.cycle_length
+
     def expected_batch_size(self, num_examples: int) -> float:
         """`num_examples / cycle_length`.
 
@@ -200,8 +213,7 @@ class FixedBatchSampling(AbstractBatchSelectionStrategy):
             batch = rng.choice(num_examples, size=self.batch_size, replace=self.replace)
             yield batch.astype(dtype)
 
-    @property
-    def cycle_length(self) -> int:
+    def min_separation(self) -> int:
         """1: an example may join any step.
 
         !!! example
@@ -209,7 +221,7 @@ class FixedBatchSampling(AbstractBatchSelectionStrategy):
             ```python
             import eqx_micro.dp as dp
 
-            assert dp.FixedBatchSampling(8, 10).cycle_length == 1
+            assert dp.FixedBatchSampling(8, 10).min_separation() == 1
             ```
         """
         return 1

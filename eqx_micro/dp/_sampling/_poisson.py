@@ -186,6 +186,19 @@ class CyclicPoissonSampling(AbstractBatchSelectionStrategy):
                 size = min(size, self.truncated_batch_size)
             yield rng.choice(group, size=size, replace=False, shuffle=False)
 
+    def min_separation(self) -> int:
+        """`cycle_length`: an example joins at most one step of each cycle.
+
+        !!! example
+
+            ```python
+            import eqx_micro.dp as dp
+
+            assert dp.CyclicPoissonSampling(0.5, 8, cycle_length=4).min_separation() == 4
+            ```
+        """
+        return self.cycle_length
+
     def _group_size(self, num_examples: int) -> float:
         if self.partition_type is PartitionType.EQUAL_SPLIT:
             return float(num_examples // self.cycle_length)
@@ -296,8 +309,7 @@ class PoissonSampling(AbstractBatchSelectionStrategy):
         )
         return cyclic.batch_iterator(num_examples, rng)
 
-    @property
-    def cycle_length(self) -> int:
+    def min_separation(self) -> int:
         """1: an example may join any step.
 
         !!! example
@@ -305,7 +317,7 @@ class PoissonSampling(AbstractBatchSelectionStrategy):
             ```python
             import eqx_micro.dp as dp
 
-            assert dp.PoissonSampling(0.1, 10).cycle_length == 1
+            assert dp.PoissonSampling(0.1, 10).min_separation() == 1
             ```
         """
         return 1

@@ -3,7 +3,7 @@ noise, behind the same contracts as the private ones."""
 
 import math
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any
 
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int, PyTree
@@ -21,8 +21,14 @@ class UnclippedGrad(AbstractBoundedSensitivityCallable):
 
     grad_fn: Callable
     microbatch_size: int | None
-    l2_norm_bound: float = math.inf
-    privacy_unit: PrivacyUnit = PrivacyUnit.EXAMPLE
+
+    @property
+    def l2_norm_bound(self) -> float:
+        return math.inf
+
+    @property
+    def privacy_unit(self) -> PrivacyUnit:
+        return PrivacyUnit.EXAMPLE
 
     def __call__(
         self, *args: Any, is_padding_example: ArrayLike | None = None, **kwargs: Any
@@ -43,14 +49,18 @@ class NoNoiseState(AbstractNoiseState):
     count: Int[Array, ""]
 
 
-class NoNoise(AbstractNoiseTransform):
+class NoNoise(AbstractNoiseTransform[NoNoiseState]):
     """Adds nothing; counts the updates like the real noise transforms."""
 
     stddev: Float[Array, ""]
-    state_type: ClassVar[type[NoNoiseState]] = NoNoiseState
 
     def __init__(self):
         self.stddev = jnp.zeros((), jnp.float32)
+
+    @property
+    def state_type(self) -> type[NoNoiseState]:
+        """`NoNoiseState`."""
+        return NoNoiseState
 
     def init(self, params: PyTree) -> NoNoiseState:
         del params

@@ -129,7 +129,10 @@ class DPTrainer(eqx.Module):
         grad_fn = dp.clipped_grad(loss, 1.0, microbatch_size=8, key_argnum=2,
                                   return_values=True)
         plan = dp.DPSGDExecutionPlanConfig(
-            iterations=30, sampling_prob=0.1, noise_multiplier=1.0, accountant=dp.Accountant.RDP
+            iterations=30,
+            sampling_prob=0.1,
+            noise_multiplier=1.0,
+            accountant=dp.Accountant.RDP,
         ).make(grad_fn)
         trainer = dp.DPTrainer(plan, optax.sgd(0.1, momentum=0.9), normalize_by=20)
         model = eqx.nn.Linear(3, 1, key=jax.random.key(0))
@@ -230,8 +233,12 @@ class DPTrainer(eqx.Module):
             key_argnum=2,
         )
         plan = DPExecutionPlan(
-            clipped_aggregation_fn=UnclippedGrad(grad_fn, microbatch_size),
-            batch_selection_strategy=FixedBatchSampling(batch_size, iterations),
+            clipped_aggregation_fn=UnclippedGrad(
+                grad_fn=grad_fn, microbatch_size=microbatch_size
+            ),
+            batch_selection_strategy=FixedBatchSampling(
+                batch_size=batch_size, iterations=iterations
+            ),
             noise_addition_transform=NoNoise(),
             dp_event=dp_accounting.NonPrivateDpEvent(),
             neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
@@ -358,11 +365,15 @@ class DPTrainer(eqx.Module):
             grad_fn = dp.clipped_grad(lambda w, x, key: jnp.sum(w * x), 1.0,
                                       key_argnum=2)
             plan = dp.DPSGDExecutionPlanConfig(
-                iterations=100, sampling_prob=0.1, noise_multiplier=1.0, accountant=dp.Accountant.RDP
+                iterations=100,
+                sampling_prob=0.1,
+                noise_multiplier=1.0,
+                accountant=dp.Accountant.RDP,
             ).make(grad_fn)
             report = dp.DPTrainer(plan, optax.sgd(0.1)).privacy_report(40, 1e-5)
             event = dp.dpsgd_event(1.0, 40, sampling_prob=0.1)
-            assert report.epsilon == dp.compute_epsilon(event, 1e-5, accountant=dp.Accountant.RDP)
+            rdp = dp.Accountant.RDP
+            assert report.epsilon == dp.compute_epsilon(event, 1e-5, accountant=rdp)
             ```
         """
         event = self.plan.event_for_steps(steps)
@@ -442,7 +453,10 @@ class DPTrainer(eqx.Module):
             loss = lambda model, batch, key: jnp.sum((model(batch["x"][0]) - 1.0) ** 2)
             grad_fn = dp.clipped_grad(loss, 1.0, key_argnum=2)
             plan = dp.DPSGDExecutionPlanConfig(
-                iterations=20, sampling_prob=0.2, noise_multiplier=2.0, accountant=dp.Accountant.RDP
+                iterations=20,
+                sampling_prob=0.2,
+                noise_multiplier=2.0,
+                accountant=dp.Accountant.RDP,
             ).make(grad_fn)
             trainer = dp.DPTrainer(plan, optax.sgd(0.1), normalize_by=10)
             data = {"x": np.ones((50, 2), np.float32)}

@@ -23,7 +23,7 @@ Variants of each (model, batch) table, all one full training step with SGD(lr=0.
 - `opacus_ghost_clip`: `PrivacyEngine.make_private(grad_sample_mode="ghost")`, whose
   criterion wrapper runs two backward passes: per-example norms (ghost norms for
   `nn.Linear`; Opacus 1.6 has no norm sampler for `nn.Conv2d`, so the CNN's convolutions
-  materialise their per-example gradients), then the reweighted loss;
+  materialize their per-example gradients), then the reweighted loss;
 - `opacus_hooks`: the classic `GradSampleModule` (`grad_sample_mode="hooks"`):
   per-example gradients of every layer, clipped by `DPOptimizer`.
 
@@ -346,7 +346,7 @@ def load_average() -> str:
 
 def cpu_ticks() -> tuple[int, int]:
     """(steal, total) jiffies over all CPUs. Steal is time the hypervisor gave to other
-    guests: no load average shows it, and it slows the steps like a busy neighbour."""
+    guests: no load average shows it, and it slows the steps like a busy neighbor."""
     fields = [int(v) for v in pathlib.Path("/proc/stat").read_text().split()[1:9]]
     return fields[7], sum(fields)
 

@@ -147,7 +147,7 @@ def check_argnums(value: Any, name: str, caller: str) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
 
 
-def check_key(key: Any, name: str, caller: str) -> None:
+def check_key(key: Any, name: str, caller: str, where: str = "") -> None:
     """A PRNG key: a typed key (`jax.random.key`) or legacy raw key data (`PRNGKey`)."""
     is_typed = eqx.is_array(key) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
     is_raw = (
@@ -160,8 +160,8 @@ def check_key(key: Any, name: str, caller: str) -> None:
             else f"{key!r} of type {type(key).__name__}"
         )
         raise TypeError(
-            f"`{caller}` needs `{name}` to be a PRNG key, such as `jax.random.key(0)`, "
-            f"got {what}."
+            f"`{caller}` needs `{name}`{where} to be a PRNG key, such as "
+            f"`jax.random.key(0)`, got {what}."
         )
     if is_typed and key.shape != ():
         raise ValueError(

@@ -177,8 +177,8 @@ class _MicroGrad(AbstractTransformed):
         return accumulated, per_example
 
     def _per_example_keys(self, key: Any, args: list) -> Any:
-        name = f"args[{self.key_argnum}]` (`key_argnum={self.key_argnum}`)"
-        check_key(key, name, "micro_grad")
+        where = f" (`key_argnum={self.key_argnum}`)"
+        check_key(key, f"args[{self.key_argnum}]", "micro_grad", where)
         sizes = [
             leaf.shape[0]
             for i in self.batch_argnums
@@ -232,7 +232,7 @@ def micro_grad(
     For every example of the batched arguments, computes the value of `fun` and its
     gradient with respect to the `argnums` arguments, applies `transform_fn` (e.g.
     clipping) to the gradient, and accumulates the transformed gradients over the batch
-    with `accumulator`. Examples run `microbatch_size` at a time (vectorised within a
+    with `accumulator`. Examples run `microbatch_size` at a time (vectorized within a
     microbatch, one microbatch after another in a compiled loop), so memory holds one
     microbatch of per-example gradients. The calling convention is that of
     `optax.microbatching.micro_grad`.
@@ -259,7 +259,7 @@ def micro_grad(
         (models written for batches work unchanged). If False, it sees the example
         without it; inputs shaped `(groups, per_group, ...)` then give one gradient per
         group.
-    - `microbatch_size`: examples per microbatch; `None` vectorises the whole batch.
+    - `microbatch_size`: examples per microbatch; `None` vectorizes the whole batch.
     - `accumulator`: how transformed gradients combine over examples (default `Sum()`;
         any accumulator or PyTree prefix of `transform_fn`'s output).
     - `transform_fn`: applied to each example's gradient; any callable, including an

@@ -311,7 +311,7 @@ def micro_vmap(
 ) -> Callable:
     """`jax.vmap`, processed microbatch by microbatch, with the results accumulated.
 
-    Within a microbatch, `fun` is vectorised over its examples and the per-example
+    Within a microbatch, `fun` is vectorized over its examples and the per-example
     results are reduced with each accumulator's `aggregate`; across microbatches they
     are combined as in `microbatch`. With `Concat()` (the default) the result equals
     `jax.vmap(fun)`; with `Sum()` it is the sum over examples, without ever holding all
@@ -326,14 +326,14 @@ def micro_vmap(
     - `in_axes`: as `jax.vmap`: an int or None for all positional arguments, or a
         sequence with one entry (int, None, or PyTree prefix) per positional argument.
     - `out_axes`: where the batch axis goes in `Concat` outputs (default 0).
-    - `microbatch_size`: examples per microbatch; `None` vectorises the whole batch at
+    - `microbatch_size`: examples per microbatch; `None` vectorizes the whole batch at
         once (one microbatch).
     - `accumulator`: as in `microbatch`; default `Concat()`.
     - `num_real_microbatches`: run only the first this many microbatches.
 
     **Returns:**
 
-    The vectorised, microbatched function.
+    The vectorized, microbatched function.
 
     !!! example
 

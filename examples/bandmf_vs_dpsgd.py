@@ -3,14 +3,14 @@
 The model, data and loss are those of `dp_digits`. Both mechanisms clip every
 per-example gradient to the same norm, run the same number of steps with the same
 expected batch size and optimizer, and are calibrated to the same (epsilon, delta) with
-the same accountant and neighbouring relation (zero-out, the dataset size is public).
+the same accountant and neighboring relation (zero-out, the dataset size is public).
 Only the noise and the sampling differ:
 
 - DP-SGD (`dp.DPSGDExecutionPlanConfig`): Poisson sampling from the whole dataset and
   independent Gaussian noise at every step;
 - BandMF (`dp.BandMFExecutionPlanConfig`): the examples are split into `num_bands`
   groups, step `t` samples from group `t % num_bands` (cyclic Poisson sampling), and
-  the noise is correlated over `num_bands` steps by an optimised banded Toeplitz
+  the noise is correlated over `num_bands` steps by an optimized banded Toeplitz
   strategy so that it partly cancels in the sum of the updates.
 
 `dp.choose_num_bands` picks the band count with the least prefix-sum RMSE (the noise in
@@ -50,7 +50,7 @@ from examples.dp_digits import (
 SETTINGS = {2.0: (128, 12), 8.0: (128, 25)}
 QUICK_SETTINGS = {8.0: (128, 3)}
 RESULTS = pathlib.Path(__file__).parent / "results"
-# PLD accounting under the zero-out relation (the dataset size is public), discretised
+# PLD accounting under the zero-out relation (the dataset size is public), discretized
 # at 0.01 instead of dp_accounting's 1e-4: a pessimistic (valid) bound on epsilon that
 # calibrates in under a second instead of tens of seconds, with noise multipliers
 # within 1e-4 of the fine grid's.
@@ -143,7 +143,7 @@ def summary(rows: list[dict]) -> str:
     """One line per epsilon: BandMF's accuracy and noise against DP-SGD's."""
     lines = []
     for dpsgd, bandmf in zip(rows[::2], rows[1::2]):
-        # Paired by seed (same initialisation and batch sampler), so the seed-to-seed
+        # Paired by seed (same initialization and batch sampler), so the seed-to-seed
         # spread largely cancels in the difference.
         paired = 100 * (np.asarray(bandmf["accuracies"]) - np.asarray(dpsgd["accuracies"]))
         error = paired.std(ddof=1) / np.sqrt(len(paired)) if len(paired) > 1 else np.nan

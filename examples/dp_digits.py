@@ -42,7 +42,7 @@ DELTA = 1e-5
 CLIP_NORM = 1.0
 MICROBATCH_SIZE = 64
 RESULTS = pathlib.Path(__file__).parent / "results"
-# PLD accounting discretised at 0.01 instead of dp_accounting's 1e-4: still a
+# PLD accounting discretized at 0.01 instead of dp_accounting's 1e-4: still a
 # pessimistic (valid) bound on epsilon, and calibration takes under a second instead of
 # up to half a minute, for noise multipliers within 1e-4 of the fine grid's.
 ACCOUNTANT = dp_accounting.pld.PLDAccountant(
@@ -73,7 +73,7 @@ def load_digits(seed: int = 0) -> tuple[Data, Data]:
 
 
 class CNN(eqx.Module):
-    """Two 3x3 convolutions with group normalisation (per example: DP-safe)."""
+    """Two 3x3 convolutions with group normalization (per example: DP-safe)."""
 
     conv1: eqx.nn.Conv2d
     norm1: eqx.nn.GroupNorm

@@ -1,6 +1,6 @@
 """Gradient accumulation: one optimizer step over a batch that does not fit at once.
 
-A small classifier with dropout and batch normalisation is trained with
+A small classifier with dropout and batch normalization is trained with
 `em.accumulate_gradients`: each step's batch is processed a microbatch at a time, each
 microbatch gets its own dropout key, and the batch-norm statistics (`eqx.nn.State`) are
 threaded through the microbatches in order. Without dropout and batch norm, the

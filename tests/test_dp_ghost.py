@@ -253,7 +253,7 @@ def test_per_layer_clip_norms():
 
 
 # --------------------------------------------------------------------------------------
-# Padding, empty batches, non-finite examples, normalisation, precision.
+# Padding, empty batches, non-finite examples, normalization, precision.
 
 
 def test_padding_contributes_nothing_even_when_nan():

@@ -143,7 +143,7 @@ def test_bad_key_and_leaves():
         noise.update({"count": jnp.zeros(3, jnp.int32)}, noise.init(None))
 
 
-def test_serialised_state_bytes_roundtrip():
+def test_serialized_state_bytes_roundtrip():
     noise = dp.GaussianNoise(1.0, key=11)
     _, state = run(noise, zeros_tree(), 1)
     buffer = io.BytesIO()

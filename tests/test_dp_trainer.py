@@ -3,6 +3,7 @@ compilation count and the BatchNorm error."""
 
 import math
 
+import dp_accounting
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -224,6 +225,48 @@ def test_padding_changes_neither_the_result_nor_the_compilation_count():
     trained, report = fit(trainer, make_model(), padding_multiple=40)
     assert_tree_allclose(trained, reference, rtol=1e-5, atol=1e-6)
     assert report == reference_report
+
+
+@pytest.mark.parametrize("ghost", [False, True])
+def test_new_clip_norm_or_target_epsilon_does_not_recompile(ghost):
+    traces = []
+
+    def counted(model, batch, key):
+        traces.append(None)  # Runs when traced, never when executed.
+        return jnp.mean((jax.vmap(model)(batch["x"]) - batch["y"]) ** 2)
+
+    optimizer = optax.sgd(0.1)  # One optimizer: its functions are part of the step.
+    builder = dp.ghost_clipped_grad if ghost else dp.clipped_grad
+    accountant = dp_accounting.rdp.RdpAccountant(orders=list(range(2, 65)))
+
+    def trainer(clip, epsilon):
+        grad_fn = builder(counted, clip, microbatch_size=2, key_argnum=2)
+        plan = dp.DPSGDExecutionPlanConfig(
+            iterations=5,
+            sampling_prob=0.25,
+            epsilon=epsilon,
+            delta=DELTA,
+            accountant=accountant,
+            noise_seed=0,
+        ).make(grad_fn)
+        return dp.DPTrainer(plan, optimizer, normalize_by=10)
+
+    data = make_data()
+    batch = {"x": data["x"][:8], "y": data["y"][:8]}
+    is_padding = jnp.arange(8) >= 6
+    outputs = []
+    for clip, epsilon in ((0.5, 2.0), (1.0, 8.0), (0.1, 2.0)):
+        t = trainer(clip, epsilon)
+        state, _ = t.step(t.init(make_model()), batch, is_padding, jax.random.key(0))
+        outputs.append((float(t.plan.noise_addition_transform.stddev), state.model))
+        if len(outputs) == 1:
+            per_compilation = len(traces)
+            assert per_compilation > 0
+    assert len(traces) == per_compilation  # traced (so compiled) once for all three
+    stddevs = [stddev for stddev, _ in outputs]
+    assert len(set(stddevs)) == 3  # the plans really differ...
+    first, second, third = (model for _, model in outputs)
+    assert not eqx.tree_equal(first, second)  # ...and so do their updates
 
 
 def test_empty_batches_still_step():

@@ -267,7 +267,7 @@ def test_micro_grad_errors():
         em.micro_grad(mse, batch_argnums=3)
     with pytest.raises(TypeError, match=r"must return a pair `\(value, aux\)`"):
         em.micro_grad(mse, has_aux=True)(jnp.zeros(1), OPTAX_BATCH)
-    with pytest.raises(TypeError, match="not a PRNG key"):
+    with pytest.raises(TypeError, match=r"`args\[2\]` \(`key_argnum=2`\) to be a PRNG key"):
         em.micro_grad(lambda p, x, k: p * x, key_argnum=2)(1.0, jnp.ones(2), "key")
     with pytest.raises(ValueError, match="called with 1 positional arguments"):
         em.micro_grad(mse)(jnp.zeros(1))

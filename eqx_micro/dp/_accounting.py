@@ -366,10 +366,10 @@ def calibrate_noise_multiplier(
     fresh_accountant = _accountant(accountant, neighboring_relation)
     bracket = None
     if accountant is Accountant.PLD:
-        # The default PLD grid (1e-4) costs seconds per evaluation at small sigmas. A
-        # search on a 100x coarser grid (tens of ms each) lands within 0.2% of the
-        # answer in the cases we measured, so the exact search starts from a narrow
-        # bracket around it: about half the exact evaluations, the same result.
+        # The default PLD grid is slow to evaluate at small sigmas. A search on a 100x
+        # coarser grid is cheap and lands close to the answer, so the exact search
+        # starts from a narrow bracket around it: fewer exact evaluations, the same
+        # result (and a search from scratch if the bracket misses).
         coarse = dp_accounting.calibrate_dp_mechanism(
             lambda: dp_accounting.pld.PLDAccountant(
                 neighboring_relation, value_discretization_interval=1e-2

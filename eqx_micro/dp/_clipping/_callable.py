@@ -174,8 +174,8 @@ class BoundedSensitivityCallable(AbstractBoundedSensitivityCallable):
         arg_list = list(args)
         if self.loss.key_argnum is not None:
             key = arg_list[self.loss.key_argnum]
-            name = f"args[{self.loss.key_argnum}]` (`key_argnum={self.loss.key_argnum}`)"
-            check_key(key, name, caller)
+            where = f" (`key_argnum={self.loss.key_argnum}`)"
+            check_key(key, f"args[{self.loss.key_argnum}]", caller, where)
             arg_list[self.loss.key_argnum] = per_example_keys(key, batch_size)
         if mask is not None:
             kwargs = {**kwargs, PADDING: mask}

@@ -41,7 +41,7 @@ def clip_scale(norm: Any, clip: Any, rescale_to_unit_norm: bool) -> Any:
     clip = jnp.asarray(clip, jnp.float32)
     scale = jnp.minimum(1.0, clip / norm)  # norm 0: clip / 0 = inf, so scale 1.
     if rescale_to_unit_norm:
-        # Unit sensitivity: divide by the clip norm; with clip 0, normalise instead.
+        # Unit sensitivity: divide by the clip norm; with clip 0, normalize instead.
         scale = jnp.where(clip > 0, scale / clip, 1.0 / norm)
     # NaN (0/0, inf/inf) and inf scales become 0: the result is then zeros, never NaN
     # or inf unless the input itself is not finite.
@@ -63,7 +63,7 @@ def clip_pytree(
 
     Edge cases: a zero tree is returned unchanged (norm 0); clip 0 gives zeros; clip
     `inf` returns the tree unchanged; with `rescale_to_unit_norm`, the result is further
-    divided by `c` (norm at most 1), clip 0 normalises to unit norm, and clip `inf` gives
+    divided by `c` (norm at most 1), clip 0 normalizes to unit norm, and clip `inf` gives
     zeros. A NaN or infinite input gives a non-finite norm and output: callers that must
     stay finite (e.g. `nan_safe` DP clipping) check the returned norm.
 

@@ -145,7 +145,7 @@ class AbstractClippingStrategy(eqx.Module):
 
     @abc.abstractmethod
     def check(self, clip: ClipSettings, caller: str) -> None:
-        """Refuses, when the callable is built, settings this strategy cannot honour."""
+        """Refuses, when the callable is built, settings this strategy cannot honor."""
 
     @abc.abstractmethod
     def microbatch(

@@ -57,8 +57,8 @@ import scipy.signal
 from jaxtyping import Array, ArrayLike, Float, Float64, Int, Real
 
 
-# Block length of the JAX recurrence: n / 128 scan steps of a (128, b - 1) matvec was
-# the fastest of 32 ... 256 for n in 1e3 ... 1e5 and b in 16 ... 128 on 2 CPU cores.
+# Block length of the JAX recurrence: the fastest block length measured on CPU
+# (`benchmarks/bench_bandmf.py`).
 _BLOCK = 128
 
 
@@ -351,7 +351,7 @@ def _minimize(
     """L-BFGS on the log-loss from `init`: `(coefs, steps taken, final stationarity)`."""
     objective = functools.partial(_log_loss, iterations=iterations, block=block)
     # Backtracking (Armijo) line search: as fast to converge here as optax's default
-    # zoom line search, and about 2 s less to compile.
+    # zoom line search, and quicker to compile.
     linesearch = optax.scale_by_backtracking_linesearch(
         max_backtracking_steps=30, store_grad=True
     )
@@ -421,10 +421,9 @@ def optimize_banded_toeplitz(
     not globally). It stops when the scale-free stationarity `‖∇ log loss(c)‖₂ ‖c‖₂`
     is at most `tol` (the loss is then within about `tol²`, relatively, of a local
     minimum), when a step no longer lowers the loss (float64 precision is reached), or
-    after `max_optimizer_steps` steps; it typically takes 10-20. The loss and its
-    gradient cost `O(iterations · num_bands)`: after compilation (a few seconds, once
-    per `(iterations, num_bands)` pair) 10⁴ iterations with 128 bands take well under a
-    second, 10⁵ with 64 about a second.
+    after `max_optimizer_steps` steps. The loss and its gradient cost
+    `O(iterations · num_bands)`, after one compilation per `(iterations, num_bands)`
+    pair (timings: `benchmarks/results/bandmf.md`).
 
     The result is never worse than the square-root start nor than DP-SGD
     (`[1, 0, ..., 0]`): the best of the three is returned. With at least `num_bands`

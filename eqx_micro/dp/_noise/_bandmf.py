@@ -56,7 +56,7 @@ class BandMFNoise(AbstractNoiseTransform[BandMFNoiseState]):
     `C⁻¹ z` with `z_t ~ N(0, stddev²)` iid, computed as it streams: `C w = z` is the
     recurrence `w_t = (z_t - c_1 w_{t-1} - ... - c_{b-1} w_{t-b+1}) / c_0`. The state
     keeps the last `b - 1` noises (memory `b - 1` times the model), any number of steps
-    can run (each draws a fresh key, so nothing repeats or runs out), and a serialised
+    can run (each draws a fresh key, so nothing repeats or runs out), and a serialized
     state resumes the exact same sequence. With `coefs=[1]` this is `dp.GaussianNoise`
     bit for bit, for the same key.
 

@@ -186,7 +186,7 @@ class BandMFExecutionPlanConfig(eqx.Module):
     ) -> DPExecutionPlan:
         """The plan for `clipped_aggregation_fn` (e.g. from `dp.clipped_grad`).
 
-        Optimizes the strategy (seconds for 10⁴ iterations), calibrates the noise
+        Optimizes the strategy, calibrates the noise
         multiplier if a target epsilon was given, and sets the noise standard deviation
         to `noise_multiplier * sensitivity_of(relation) * column norm of C`.
 

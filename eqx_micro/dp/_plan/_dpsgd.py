@@ -106,8 +106,8 @@ class DPSGDExecutionPlanConfig(eqx.Module):
         """The plan for `clipped_aggregation_fn` (e.g. from `dp.clipped_grad`).
 
         Calibrates the noise multiplier if a target epsilon was given (a bisection with
-        `dp_accounting`: 0.6-1 s with RDP, 3-19 s with PLD for 10⁴ steps), and sets the
-        noise standard deviation to
+        `dp_accounting`, the slow part of `make` for long runs), and sets the noise
+        standard deviation to
         `noise_multiplier * clipped_aggregation_fn.sensitivity(relation)`.
 
         !!! example

@@ -263,7 +263,7 @@ class DPExecutionPlan(eqx.Module):
         **Returns:**
 
         `(noisy_grad, new_noise_state, aux)`, with the callable's aux (per-example side
-        outputs, not privatised).
+        outputs, not privatized).
 
         !!! example
 

@@ -25,7 +25,7 @@ class PartitionType(enum.Enum):
     - `EQUAL_SPLIT`: shuffle, then cut into groups of exactly
       `num_examples // cycle_length` examples; the `num_examples % cycle_length` left
       over are never sampled. The group size depends on the dataset size, so this suits
-      the replace-one and zero-out neighbouring relations (a public dataset size).
+      the replace-one and zero-out neighboring relations (a public dataset size).
     - `INDEPENDENT`: every example picks its group uniformly at random, independently of
       the others (group sizes are multinomial). This suits add-or-remove-one.
 

@@ -54,7 +54,7 @@ class PrivacyReport(eqx.Module):
     **Fields:**
 
     - `epsilon`: the epsilon of the steps taken, with the plan's accountant and
-        neighbouring relation (`inf` for a non-private run, 0 before any step).
+        neighboring relation (`inf` for a non-private run, 0 before any step).
     - `delta`: the delta it is computed at.
     - `steps`: the number of noisy updates made.
     - `iterations`: the number the plan allows (and its event accounts for).

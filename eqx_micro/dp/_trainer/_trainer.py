@@ -39,11 +39,11 @@ def _check_no_batch_norm(model: PyTree) -> None:
         if is_batch_norm(leaf):
             raise ValueError(
                 f"`DPTrainer.init` found an `eqx.nn.BatchNorm` layer at "
-                f"`model{jtu.keystr(path)}`. Batch normalisation mixes the examples of a "
+                f"`model{jtu.keystr(path)}`. Batch normalization mixes the examples of a "
                 "batch, so a per-example gradient is not one example's, clipping no "
                 "longer bounds the sensitivity, and its running statistics "
                 "(`eqx.nn.State`) would be released without noise. Use "
-                "`eqx.nn.GroupNorm` or `eqx.nn.LayerNorm`, which normalise each "
+                "`eqx.nn.GroupNorm` or `eqx.nn.LayerNorm`, which normalize each "
                 "example on its own."
             )
 
@@ -99,7 +99,7 @@ class DPTrainer(eqx.Module):
     and a `dp.PrivacyReport` of the steps actually taken.
 
     Models with `eqx.nn.BatchNorm` are refused (use `eqx.nn.GroupNorm` or
-    `eqx.nn.LayerNorm`): normalising over the batch breaks per-example clipping.
+    `eqx.nn.LayerNorm`): normalizing over the batch breaks per-example clipping.
     `DPTrainer.non_private` gives the same loop without clipping and noise, for
     baselines.
 
@@ -109,7 +109,7 @@ class DPTrainer(eqx.Module):
     - `optimizer`: an `optax.GradientTransformation`.
     - `normalize_by`: the noisy sum is divided by this after the noise: the expected
         batch size if `grad_fn` was built with `normalize_by=1` (the default), or 1 if
-        it was already normalised.
+        it was already normalized.
 
     !!! example
 
@@ -308,8 +308,8 @@ class DPTrainer(eqx.Module):
         `(new_state, metrics)`. The metrics are `"loss"`, the mean loss of the real
         examples (NaN unless the callable was built with `return_values=True`),
         `"num_nonfinite"`, the examples whose gradient was not finite, and
-        `"noisy_grad_norm"`, the norm of the normalised noisy gradient. Only the last is
-        privatised: the other two are computed from the private batch, for monitoring;
+        `"noisy_grad_norm"`, the norm of the normalized noisy gradient. Only the last is
+        privatized: the other two are computed from the private batch, for monitoring;
         the plan's epsilon covers the model, not them.
 
         !!! example
@@ -353,7 +353,7 @@ class DPTrainer(eqx.Module):
         For a partial run (`steps < plan.iterations`), the plan's self-composed event
         with its count cut to the rounds taken (one per step for DP-SGD, one per cycle
         of `num_bands` steps for amplified BandMF); any other event is reported whole,
-        an upper bound. Accounted with the plan's accountant and neighbouring relation.
+        an upper bound. Accounted with the plan's accountant and neighboring relation.
 
         !!! example
 

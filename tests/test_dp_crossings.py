@@ -1,0 +1,41 @@
+"""Every DP clipping route through every way of training, on 1 and 8 devices: the same
+trained parameters and epsilon for the same seeds (see `dp_crossings.py`)."""
+
+import functools
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from . import dp_crossings
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@functools.cache
+def _reference():
+    return dp_crossings.train(dp_crossings.REFERENCE)
+
+
+@pytest.mark.parametrize("variant", dp_crossings.VARIANTS, ids=str)
+def test_same_training_on_one_device(variant):
+    dp_crossings.assert_same_training(dp_crossings.train(variant), _reference(), variant)
+
+
+@pytest.mark.multidevice
+@pytest.mark.parametrize("route", ["vmap", "BOOK_KEEPING", "GHOST"])
+def test_same_training_on_eight_host_devices(route):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.dp_crossings", route],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "dp crossings passed on 8 devices" in result.stdout

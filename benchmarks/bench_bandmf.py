@@ -30,7 +30,7 @@ import numpy as np
 from jax_privacy.matrix_factorization import toeplitz
 
 import eqx_micro.dp as dp
-from eqx_micro.dp import _bandmf_strategy
+from eqx_micro.dp._noise import _banded_toeplitz as _bandmf_strategy
 
 
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -183,7 +183,13 @@ def _source_revision() -> str:
             [*git, "rev-parse", "--short", "HEAD"], capture_output=True, check=True
         )
         status = subprocess.run(
-            [*git, "status", "--porcelain", "--", "eqx_micro/dp/_bandmf_strategy.py"],
+            [
+                *git,
+                "status",
+                "--porcelain",
+                "--",
+                "eqx_micro/dp/_noise/_banded_toeplitz.py",
+            ],
             capture_output=True,
             check=True,
         )

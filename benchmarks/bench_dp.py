@@ -473,7 +473,7 @@ def calibration_section(cases, iterations: int, accountant_names: Sequence[str])
                 sampling_prob=q,
                 epsilon=epsilon,
                 delta=DELTA,
-                accountant=name,
+                accountant=dp.Accountant(name),
                 noise_seed=0,
             )
             methods: list[tuple[str, Callable[[], float]]] = [
@@ -530,8 +530,7 @@ def header(argv_text: str) -> str:
         for p in ("jax", "jaxlib", "equinox", "optax", "jax_privacy", "dp-accounting")
     )
     return (
-        f"{versions}; {os.cpu_count()} CPU cores; eqx_micro from "
-        f"`{pathlib.Path(dp.__file__).parents[1]}`, repository at `{commit}`; "
+        f"{versions}; {os.cpu_count()} CPU cores; eqx_micro at `{commit}`; "
         f"`python benchmarks/bench_dp.py{argv_text}`; load average (1/5/15 min) at start "
         f"{load_average()}.\n"
     )

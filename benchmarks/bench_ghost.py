@@ -12,7 +12,8 @@ round) and reported as paired ratios to the plain step of the same round:
 - `plain value_and_grad`: `eqx.filter_value_and_grad` of the batch-mean loss (the
   non-private step, without the optimizer update);
 - `eqx_micro ghost_clipped_grad`: the clipped sum of per-example gradients, with
-  `method="book_keeping"` (the default) and, as a second row, `method="ghost"`;
+  `method=dp.GhostMethod.BOOK_KEEPING` (the default) and, as a second row,
+  `method=dp.GhostMethod.GHOST`;
 - `eqx_micro clipped_grad`: the `vmap(grad)` path at its best microbatch size from
   `results/dp.md` (32), and unmicrobatched for the CNN and the transformer;
 - `jax_privacy clipped_grad` at microbatch size 32 (MLP and CNN).
@@ -146,7 +147,10 @@ def table(name: str, batch: int, max_rounds: int, budget_s: float, quick: bool) 
     ghost = ours("eqx_micro ghost_clipped_grad (book-keeping)", None, dp.ghost_clipped_grad)
     rows.append(Row(ghost, "ghost", None))
     ghost2 = ours(
-        "eqx_micro ghost_clipped_grad (ghost)", None, dp.ghost_clipped_grad, method="ghost"
+        "eqx_micro ghost_clipped_grad (ghost)",
+        None,
+        dp.ghost_clipped_grad,
+        method=dp.GhostMethod.GHOST,
     )
     rows.append(Row(ghost2, "ghost2", None))
     reference = ours("eqx_micro clipped_grad (vmap)", 32, dp.clipped_grad)

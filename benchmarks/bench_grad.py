@@ -43,13 +43,12 @@ from typing import Any
 
 import equinox as eqx
 import jax
-import jax.extend as jex
 import jax.numpy as jnp
 import numpy as np
 import optax.microbatching as omb
 
 import eqx_micro as em
-from eqx_micro import _engine
+from eqx_micro import internal
 
 
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -144,15 +143,9 @@ class Variant:
     context: Callable = contextlib.nullcontext  # active while tracing
 
 
-@contextlib.contextmanager
 def convs_as_written():
-    """Traces without the engine's channels-last convolutions (for comparison only)."""
-    original = _engine.replay_channels_last
-    _engine.replay_channels_last = jex.core.jaxpr_as_fun
-    try:
-        yield
-    finally:
-        _engine.replay_channels_last = original
+    """Traces without the backend's channels-last convolutions (for comparison only)."""
+    return internal.disabled(internal.Tweak.CHANNELS_LAST_CONV)
 
 
 def prepare(variant: Variant) -> Any:

@@ -120,6 +120,60 @@ def _cast_like(grads: Any, model: Any) -> Any:
     )
 
 
+def _check_arguments(
+    loss_fn: Callable,
+    batch: Any,
+    microbatch_size: Any,
+    num_microbatches: Any,
+    key: Any,
+    accumulator: Any,
+    unroll: Any,
+) -> int | None:
+    """Checks `accumulate_gradients`' arguments; returns the microbatch size."""
+    check_callable(loss_fn, "loss_fn", "accumulate_gradients")
+    if microbatch_size is not None and num_microbatches is not None:
+        raise TypeError(
+            "`accumulate_gradients` takes one of `microbatch_size` and "
+            f"`num_microbatches`, not both; got microbatch_size={microbatch_size}, "
+            f"num_microbatches={num_microbatches}."
+        )
+    if key is not None:
+        check_key(key, "key", "accumulate_gradients")
+    if not is_accumulator(accumulator):
+        raise TypeError(
+            "`accumulate_gradients` needs `accumulator` to be one accumulator (it "
+            f"combines the loss and every gradient leaf), got {accumulator!r}."
+        )
+    batch_arrays = [leaf for leaf in jtu.tree_leaves(batch) if eqx.is_array(leaf)]
+    if not batch_arrays or batch_arrays[0].ndim == 0:
+        raise ValueError(
+            "`accumulate_gradients` needs `batch` to hold arrays with a leading batch axis."
+        )
+    batch_size = batch_arrays[0].shape[0]
+    if num_microbatches is not None:
+        num_microbatches = check_positive_int(
+            num_microbatches, "num_microbatches", "accumulate_gradients"
+        )
+        if batch_size % num_microbatches != 0:
+            raise ValueError(
+                f"`accumulate_gradients` got a batch of {batch_size} examples, which "
+                f"does not split into `num_microbatches={num_microbatches}` equal "
+                "microbatches; no example is dropped silently. Pad the batch or pick a "
+                f"divisor of {batch_size}."
+            )
+        microbatch_size = batch_size // num_microbatches
+    if microbatch_size is not None:
+        microbatch_size = check_positive_int(
+            microbatch_size, "microbatch_size", "accumulate_gradients"
+        )
+    if not isinstance(unroll, bool) and (not isinstance(unroll, int) or unroll < 1):
+        raise ValueError(
+            "`accumulate_gradients` needs `unroll` to be True, False, or a positive int "
+            f"(microbatches per loop iteration); got unroll={unroll!r}."
+        )
+    return microbatch_size
+
+
 def accumulate_gradients(
     loss_fn: Callable,
     model: PyTree,
@@ -204,47 +258,9 @@ def accumulate_gradients(
         assert jnp.allclose(out.grads.weight, full.weight, rtol=1e-5)
         ```
     """
-    check_callable(loss_fn, "loss_fn", "accumulate_gradients")
-    if microbatch_size is not None and num_microbatches is not None:
-        raise TypeError(
-            "`accumulate_gradients` takes one of `microbatch_size` and "
-            f"`num_microbatches`, not both; got microbatch_size={microbatch_size}, "
-            f"num_microbatches={num_microbatches}."
-        )
-    if key is not None:
-        check_key(key, "key", "accumulate_gradients")
-    if not is_accumulator(accumulator):
-        raise TypeError(
-            "`accumulate_gradients` needs `accumulator` to be one accumulator (it "
-            f"combines the loss and every gradient leaf), got {accumulator!r}."
-        )
-    batch_arrays = [leaf for leaf in jtu.tree_leaves(batch) if eqx.is_array(leaf)]
-    if not batch_arrays or batch_arrays[0].ndim == 0:
-        raise ValueError(
-            "`accumulate_gradients` needs `batch` to hold arrays with a leading batch axis."
-        )
-    batch_size = batch_arrays[0].shape[0]
-    if num_microbatches is not None:
-        num_microbatches = check_positive_int(
-            num_microbatches, "num_microbatches", "accumulate_gradients"
-        )
-        if batch_size % num_microbatches != 0:
-            raise ValueError(
-                f"`accumulate_gradients` got a batch of {batch_size} examples, which "
-                f"does not split into `num_microbatches={num_microbatches}` equal "
-                "microbatches; no example is dropped silently. Pad the batch or pick a "
-                f"divisor of {batch_size}."
-            )
-        microbatch_size = batch_size // num_microbatches
-    if microbatch_size is not None:
-        microbatch_size = check_positive_int(
-            microbatch_size, "microbatch_size", "accumulate_gradients"
-        )
-    if not isinstance(unroll, bool) and (not isinstance(unroll, int) or unroll < 1):
-        raise ValueError(
-            "`accumulate_gradients` needs `unroll` to be True, False, or a positive int "
-            f"(microbatches per loop iteration); got unroll={unroll!r}."
-        )
+    microbatch_size = _check_arguments(
+        loss_fn, batch, microbatch_size, num_microbatches, key, accumulator, unroll
+    )
     _check_keywords(loss_fn, key, state)
 
     def per_microbatch(minibatch, index, threaded):

@@ -50,7 +50,8 @@ WHY = {
     "it to a loop carry; summing a large leaf into the carry a block at a time bounds "
     "that copy.",
     Tweak.CHANNELS_LAST_CONV: "XLA:CPU puts convolutions in its fast NHWC/HWIO layout "
-    "only at the top level of a program, never inside a loop.",
+    "only at the top level of a program, never inside a loop: replayed inside one, they "
+    "are rewritten so.",
     Tweak.SINGLE_MICROBATCH_INLINE: "XLA:CPU does not fuse across a while loop, so a "
     "one-trip loop over a single microbatch is slower than running it at top level.",
     Tweak.ACTIVATION_FIRST_DOT: "XLA:CPU computes a vmapped weight-first dot weight-major "
@@ -204,11 +205,14 @@ def _holds_conv(eqn: Any) -> bool:
     return _jaxpr.contains(_jaxpr.inner(eqn).jaxpr, _is_conv)
 
 
-def replay(closed_jaxpr: Any) -> Callable[..., list[Any]]:
-    """`closed_jaxpr` as a function; on XLA:CPU its convolutions run channels-last
-    (each one the same convolution of transposed operands: exact)."""
+def replay(closed_jaxpr: Any, *, in_loop: bool = True) -> Callable[..., list[Any]]:
+    """`closed_jaxpr` as a function; inside a loop on XLA:CPU, its convolutions run
+    channels-last (each one the same convolution of transposed operands: exact). At
+    top level XLA:CPU chooses that layout itself."""
     if not (
-        enabled(Tweak.CHANNELS_LAST_CONV) and _jaxpr.contains(closed_jaxpr.jaxpr, _is_conv)
+        in_loop
+        and enabled(Tweak.CHANNELS_LAST_CONV)
+        and _jaxpr.contains(closed_jaxpr.jaxpr, _is_conv)
     ):
         return jex.core.jaxpr_as_fun(closed_jaxpr)
     return _jaxpr.as_function(closed_jaxpr, rule=_channels_last_rule, inline=_holds_conv)

@@ -15,6 +15,7 @@
 """
 
 import abc
+import enum
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -229,14 +230,15 @@ def _loop_bound(
     return bound
 
 
-def _trace_once(fun: Callable, *example: Any) -> tuple[Callable, Any, Any]:
+def _trace_once(fun: Callable, *example: Any, in_loop: bool) -> tuple[Callable, Any, Any]:
     """Traces `fun(*example)` once; returns a replayer and the output structure.
 
     The replayer takes the same arguments and returns only the array outputs
     (non-array outputs are `None`); `out_static` holds the non-array outputs.
+    `in_loop` says whether the replay runs inside a loop (for the backend seam).
     """
     closed_jaxpr, out_struct, out_static = eqx.filter_make_jaxpr(fun)(*example)
-    replay = _backend.replay(closed_jaxpr)
+    replay = _backend.replay(closed_jaxpr, in_loop=in_loop)
     out_leaves, out_treedef = jtu.tree_flatten(out_struct)
 
     def call(*inputs: Any) -> Any:
@@ -292,6 +294,48 @@ def _check_threaded(before: Any, after: Any, after_static: Any, caller: str) -> 
         )
 
 
+class _Schedule(enum.Enum):
+    """How the microbatches run."""
+
+    STRAIGHT = enum.auto()  # written out one after another, at top level
+    ONE_INLINE = enum.auto()  # a single microbatch at top level, kept if the bound is 1
+    UNROLLED_LOOP = enum.auto()  # a loop running several microbatches per iteration
+    LOOP = enum.auto()  # a loop running one microbatch per iteration
+
+
+def _schedule(bound: Any, num_microbatches: int, unroll: bool | int) -> _Schedule:
+    per_iteration = 1 if isinstance(unroll, bool) else unroll
+    if isinstance(bound, int) and (unroll is True or bound <= per_iteration):
+        return _Schedule.STRAIGHT
+    if num_microbatches == 1 and _backend.enabled(_backend.Tweak.SINGLE_MICROBATCH_INLINE):
+        return _Schedule.ONE_INLINE
+    if isinstance(bound, int) and per_iteration > 1:
+        return _Schedule.UNROLLED_LOOP
+    return _Schedule.LOOP
+
+
+def _run(
+    schedule: _Schedule,
+    body: Callable[[Any, Any], Any],
+    carry: Any,
+    bound: Any,
+    unroll: bool | int,
+) -> Any:
+    """Runs `body(index, carry)` for the first `bound` microbatches."""
+    if schedule is _Schedule.STRAIGHT:
+        for index in range(bound):
+            carry = body(jnp.int32(index), carry)
+        return carry
+    if schedule is _Schedule.ONE_INLINE:
+        ran = body(jnp.int32(0), carry)
+        return jtu.tree_map(lambda new, old: jnp.where(bound > 0, new, old), ran, carry)
+    if schedule is _Schedule.UNROLLED_LOOP:
+        # Independent microbatches written out in one iteration may run concurrently;
+        # compile time grows with `unroll`, not with `bound`.
+        return jax.lax.fori_loop(0, bound, body, carry, unroll=int(unroll))
+    return jax.lax.fori_loop(0, bound, body, carry)
+
+
 def call_microbatched(
     per_microbatch: Callable[[Any, Any, Any], tuple[Any, Any]],
     inputs: Any,
@@ -345,8 +389,13 @@ def call_microbatched(
     )
 
     index_struct = jax.ShapeDtypeStruct((), jnp.int32)
+    schedule = _schedule(bound, num_microbatches, unroll)
     call, (out_struct, threaded_struct), (out_static, threaded_static) = _trace_once(
-        per_microbatch, split.example(), index_struct, threaded
+        per_microbatch,
+        split.example(),
+        index_struct,
+        threaded,
+        in_loop=schedule in (_Schedule.LOOP, _Schedule.UNROLLED_LOOP),
     )
     threaded_arrays, _ = eqx.partition(threaded, eqx.is_array)
     threaded_arrays = jtu.tree_map(lambda x: _strong(jnp.asarray(x)), threaded_arrays)
@@ -372,25 +421,7 @@ def call_microbatched(
         )
         return acc_carry, threaded_out
 
-    carry = (init, threaded_arrays)
-    per_iteration = 1 if isinstance(unroll, bool) else unroll
-    if isinstance(bound, int) and (unroll is True or bound <= per_iteration):
-        # Straight-line code: XLA compiles each microbatch at top level.
-        for index in range(bound):
-            carry = body(jnp.int32(index), carry)
-    elif num_microbatches == 1 and _backend.enabled(
-        _backend.Tweak.SINGLE_MICROBATCH_INLINE
-    ):
-        # One microbatch with a traced bound (a padding mask): run it at top level and
-        # keep its result only if the bound is 1.
-        ran = body(jnp.int32(0), carry)
-        carry = jtu.tree_map(lambda new, old: jnp.where(bound > 0, new, old), ran, carry)
-    elif isinstance(bound, int) and per_iteration > 1:
-        # Independent microbatches written out in one iteration run concurrently on
-        # XLA:CPU's threads; compile time grows with `unroll`, not with `bound`.
-        carry = jax.lax.fori_loop(0, bound, body, carry, unroll=per_iteration)
-    else:
-        carry = jax.lax.fori_loop(0, bound, body, carry)
+    carry = _run(schedule, body, (init, threaded_arrays), bound, unroll)
     acc_carry, threaded_arrays = carry
     results = map_accumulators(
         lambda acc, c: acc.finalize(c, num_microbatches, bound),

@@ -1,10 +1,11 @@
 """The clipped aggregation: one module, two strategies, one route through the engine.
 
-`dp.clipped_grad` and `dp.ghost_clipped_grad` both build a `BoundedSensitivityCallable`;
-they differ only in its `strategy` (`PerExampleGradients` or `GhostClipping`). Everything
-else happens once, here: checking the call, one PRNG key per example, the padding mask,
-microbatching and early stopping (`eqx_micro.internal.call_microbatched`),
-`normalize_by`, and the aux.
+[`dp.clipped_grad`][eqx_micro.dp.clipped_grad] and
+[`dp.ghost_clipped_grad`][eqx_micro.dp.ghost_clipped_grad] both build a
+`BoundedSensitivityCallable`; they differ only in its `strategy` (`PerExampleGradients` or
+`GhostClipping`). Everything else happens once, here: checking the call, one PRNG key per
+example, the padding mask, microbatching and early stopping
+(`eqx_micro.internal.call_microbatched`), `normalize_by`, and the aux.
 
 The sensitivity is a property of the callable, not something users compute: a DP plan
 adds noise `noise_multiplier * callable.sensitivity(relation)`, so changing the clip
@@ -48,7 +49,7 @@ from ._spec import AbstractClippingStrategy, ClipSettings, ExampleLoss, Microbat
 
 class BoundedSensitivityCallable(AbstractBoundedSensitivityCallable):
     """The sum of clipped per-example gradients, from `dp.clipped_grad` or
-    `dp.ghost_clipped_grad`.
+    [`dp.ghost_clipped_grad`][eqx_micro.dp.ghost_clipped_grad].
 
     Call it like `fun`, with the batched arguments holding the whole batch and an
     optional `is_padding_example` keyword; it returns `(clipped_sum, dp.ClippedGradAux)`.
@@ -139,9 +140,9 @@ class BoundedSensitivityCallable(AbstractBoundedSensitivityCallable):
         """
         return PrivacyUnit.EXAMPLE if self.loss.keep_batch_dim else PrivacyUnit.USER
 
-    def _prepare(self, args: tuple, kwargs: dict, mask: Any) -> tuple[tuple, dict, int]:
-        """Checks the call; returns `(args, kwargs, batch size)` with one PRNG key per
-        example and the padding mask among the keywords."""
+    def _prepare(self, args: tuple, kwargs: dict, mask: Any) -> tuple[tuple, dict]:
+        """Checks the call; returns `(args, kwargs)` with one PRNG key per example and
+        the padding mask among the keywords."""
         caller = self.loss.caller
         used = [*self.loss.argnums, *self.loss.batch_argnums]
         if self.loss.key_argnum is not None:
@@ -179,7 +180,7 @@ class BoundedSensitivityCallable(AbstractBoundedSensitivityCallable):
             arg_list[self.loss.key_argnum] = per_example_keys(key, batch_size)
         if mask is not None:
             kwargs = {**kwargs, PADDING: mask}
-        return tuple(arg_list), kwargs, batch_size
+        return tuple(arg_list), kwargs
 
     def __call__(
         self,
@@ -188,7 +189,7 @@ class BoundedSensitivityCallable(AbstractBoundedSensitivityCallable):
         **kwargs: Any,
     ) -> tuple[PyTree, ClippedGradAux]:
         caller = self.loss.caller
-        args, kwargs, _ = self._prepare(args, kwargs, is_padding_example)
+        args, kwargs = self._prepare(args, kwargs, is_padding_example)
         inputs = (args, kwargs)
 
         def per_microbatch(microbatch: Any, index: Any, threaded: Any) -> Any:
@@ -231,12 +232,13 @@ class BoundedSensitivityCallable(AbstractBoundedSensitivityCallable):
 
         **Returns:**
 
-        A dict from each parameter's path (e.g. `"model.layers[0].weight"`) to
-        `"per-example gradient"` (`dp.clipped_grad`), or, for `dp.ghost_clipped_grad`,
-        `"dot (gram)"`/`"dot (direct)"` (a `dot_general`: Linear layers, attention
-        projections), `"conv (gram)"`/`"conv (direct)"`, `"elementwise"` (biases, norm
-        scales), `"gather"` (embeddings), `"unused"`, or `"fallback: <reason>"` (the
-        exact per-example gradient of that parameter).
+        A dict from each parameter's path (e.g. `"model.layers[0].weight"`) to `"per-example
+        gradient"` ([`dp.clipped_grad`][eqx_micro.dp.clipped_grad]), or, for
+        [`dp.ghost_clipped_grad`][eqx_micro.dp.ghost_clipped_grad], `"dot (gram)"`/`"dot
+        (direct)"` (a `dot_general`: Linear layers, attention projections), `"conv
+        (gram)"`/`"conv (direct)"`, `"elementwise"` (biases, norm scales), `"gather"`
+        (embeddings), `"unused"`, or `"fallback: <reason>"` (the exact per-example gradient
+        of that parameter).
 
         !!! example
 
@@ -255,7 +257,7 @@ class BoundedSensitivityCallable(AbstractBoundedSensitivityCallable):
             assert plan["model.layers[0].bias"] == "elementwise"
             ```
         """
-        args, kwargs, _ = self._prepare(args, kwargs, None)
+        args, kwargs = self._prepare(args, kwargs, None)
         return self.strategy.describe(self.loss, self.clip, args, kwargs)
 
 
@@ -556,11 +558,12 @@ def ghost_clipped_grad(
     """[`dp.clipped_grad`][eqx_micro.dp.clipped_grad] without per-example gradients
     (ghost norms and book-keeping).
 
-    Same arguments, call, result and sensitivity as `dp.clipped_grad`, but each
-    example's gradient norm is computed from each layer's inputs and output-gradients,
-    taken in one batched backward pass, so the per-example gradients of Linear, Conv,
-    Embedding, bias and norm-scale parameters are never formed: memory and time stay
-    close to one non-private step even for large layers.
+    Same arguments, call, result and sensitivity as
+    [`dp.clipped_grad`][eqx_micro.dp.clipped_grad], but each example's gradient norm is
+    computed from each layer's inputs and output-gradients, taken in one batched backward
+    pass, so the per-example gradients of Linear, Conv, Embedding, bias and norm-scale
+    parameters are never formed: memory and time stay close to one non-private step even for
+    large layers.
 
     `fun` is traced on one example; each parameter is followed to its one linear use: a
     `dot_general` (Linear layers, attention projections, on sequences too), a

@@ -3,7 +3,9 @@
 A plan adds noise of standard deviation `noise_multiplier * fn.sensitivity(relation)` to
 `fn`'s output, and the trainer pads batches to multiples of `fn.microbatch_size` and reads
 its aux. All of that is declared here, on the abstract class, so that any implementation
-(`dp.clipped_grad`, `dp.ghost_clipped_grad`, a user's own) is used the same way.
+([`dp.clipped_grad`][eqx_micro.dp.clipped_grad],
+[`dp.ghost_clipped_grad`][eqx_micro.dp.ghost_clipped_grad], a user's own) is used the same
+way.
 """
 
 import abc

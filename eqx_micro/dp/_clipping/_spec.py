@@ -137,10 +137,11 @@ class MicrobatchSums(eqx.Module):
 class AbstractClippingStrategy(eqx.Module):
     """How a clipped aggregation computes one microbatch's clipped sum.
 
-    `dp.clipped_grad` forms every example's gradient (`PerExampleGradients`);
-    `dp.ghost_clipped_grad` computes the norms from activations (`GhostClipping`). The
-    callable around them (`BoundedSensitivityCallable`) does the rest: checking the
-    inputs, per-example keys, padding, microbatching, `normalize_by` and the aux.
+    [`dp.clipped_grad`][eqx_micro.dp.clipped_grad] forms every example's gradient
+    (`PerExampleGradients`); [`dp.ghost_clipped_grad`][eqx_micro.dp.ghost_clipped_grad]
+    computes the norms from activations (`GhostClipping`). The callable around them
+    (`BoundedSensitivityCallable`) does the rest: checking the inputs, per-example keys,
+    padding, microbatching, `normalize_by` and the aux.
     """
 
     @abc.abstractmethod

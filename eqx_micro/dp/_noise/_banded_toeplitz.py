@@ -32,7 +32,7 @@ what amplified BandMF with cyclic Poisson sampling relies on.) With
 **Streaming the noise.** The same recurrence with `z` in place of the ones gives the
 noise `w = C⁻¹ z` one step at a time, keeping only the last `b - 1` outputs:
 `w_t = (z_t - c_1 w_{t-1} - ... - c_{b-1} w_{t-b+1}) / c_0` (Algorithm 9 of
-Choquette-Choo et al. 2023); `dp.BandMFNoise` does this.
+Choquette-Choo et al. 2023); [`dp.BandMFNoise`][eqx_micro.dp.BandMFNoise] does this.
 
 **Two implementations.** The public error functions run the recurrence in NumPy
 (`scipy.signal.lfilter`, float64, no compilation). The optimizer needs gradients, so
@@ -106,12 +106,13 @@ def _prefix_sums_numpy(coefs: np.ndarray, iterations: int) -> np.ndarray:
 def sqrt_toeplitz_coefs(num_bands: int) -> Float64[np.ndarray, " num_bands"]:
     """The first `num_bands` coefficients of the square root of the prefix-sum matrix.
 
-    `c_k = binom(2k, k) / 4^k` (1, 1/2, 3/8, 5/16, ...), the power series of
-    `(1 - x)^(-1/2)`. Its square is `(1 - x)^(-1) = 1 + x + x² + ...`, so the
-    `n x n` lower-triangular Toeplitz matrix `S` of the first `n` coefficients satisfies
-    `S S = A`, the lower-triangular matrix of ones: the factorization with the optimal
-    worst-case (max) error for a single participation. Truncated to `num_bands < n` it is
-    the banded square root, where `dp.optimize_banded_toeplitz` starts.
+    `c_k = binom(2k, k) / 4^k` (1, 1/2, 3/8, 5/16, ...), the power series of `(1 -
+    x)^(-1/2)`. Its square is `(1 - x)^(-1) = 1 + x + x² + ...`, so the `n x n`
+    lower-triangular Toeplitz matrix `S` of the first `n` coefficients satisfies `S S = A`,
+    the lower-triangular matrix of ones: the factorization with the optimal worst-case (max)
+    error for a single participation. Truncated to `num_bands < n` it is the banded square
+    root, where [`dp.optimize_banded_toeplitz`][eqx_micro.dp.optimize_banded_toeplitz]
+    starts.
 
     **Arguments:**
 
@@ -204,11 +205,12 @@ def banded_toeplitz_loss(
 ) -> float:
     """The total squared error of a banded Toeplitz strategy on the prefix sums.
 
-    `‖A C⁻¹‖_F² · max_j ‖C e_j‖²`, with `A` the `n x n` lower-triangular ones and `C`
-    the banded Toeplitz matrix of `coefs`: the sum over `i` of `dp.per_query_error`, the
-    objective `dp.optimize_banded_toeplitz` minimizes. Scale-invariant in `coefs`.
-    Computed as `‖c‖₂² Σ_k (n - k) β_k²` with `C β = 1` (see the module notes), in
-    `O(iterations · bands)` time in float64. DP-SGD (`coefs = [1]`) gives
+    `‖A C⁻¹‖_F² · max_j ‖C e_j‖²`, with `A` the `n x n` lower-triangular ones and `C` the
+    banded Toeplitz matrix of `coefs`: the sum over `i` of
+    [`dp.per_query_error`][eqx_micro.dp.per_query_error], the objective
+    [`dp.optimize_banded_toeplitz`][eqx_micro.dp.optimize_banded_toeplitz] minimizes.
+    Scale-invariant in `coefs`. Computed as `‖c‖₂² Σ_k (n - k) β_k²` with `C β = 1` (see the
+    module notes), in `O(iterations · bands)` time in float64. DP-SGD (`coefs = [1]`) gives
     `n (n + 1) / 2`.
 
     **Arguments:**
@@ -413,16 +415,16 @@ def optimize_banded_toeplitz(
 ) -> Float64[np.ndarray, " num_bands"]:
     """The banded Toeplitz strategy with the least squared error on the prefix sums.
 
-    Minimizes `dp.banded_toeplitz_loss` (`‖A C⁻¹‖_F² ‖c‖₂²`: the total expected squared
-    error of the `iterations` prefix sums, times the single-participation sensitivity
-    squared) over the `num_bands` coefficients of `C`. Starts from the banded square root
-    `dp.sqrt_toeplitz_coefs(num_bands)` and runs `optax.lbfgs` (backtracking line
-    search) on the log of the loss, in float64 (x64 is enabled only inside this call,
-    not globally). It stops when the scale-free stationarity `‖∇ log loss(c)‖₂ ‖c‖₂`
-    is at most `tol` (the loss is then within about `tol²`, relatively, of a local
-    minimum), when a step no longer lowers the loss (float64 precision is reached), or
-    after `max_optimizer_steps` steps. The loss and its gradient cost
-    `O(iterations · num_bands)`, after one compilation per `(iterations, num_bands)`
+    Minimizes [`dp.banded_toeplitz_loss`][eqx_micro.dp.banded_toeplitz_loss] (`‖A C⁻¹‖_F²
+    ‖c‖₂²`: the total expected squared error of the `iterations` prefix sums, times the
+    single-participation sensitivity squared) over the `num_bands` coefficients of `C`.
+    Starts from the banded square root `dp.sqrt_toeplitz_coefs(num_bands)` and runs
+    `optax.lbfgs` (backtracking line search) on the log of the loss, in float64 (x64 is
+    enabled only inside this call, not globally). It stops when the scale-free stationarity
+    `‖∇ log loss(c)‖₂ ‖c‖₂` is at most `tol` (the loss is then within about `tol²`,
+    relatively, of a local minimum), when a step no longer lowers the loss (float64
+    precision is reached), or after `max_optimizer_steps` steps. The loss and its gradient
+    cost `O(iterations · num_bands)`, after one compilation per `(iterations, num_bands)`
     pair (timings: `benchmarks/results/bandmf.md`).
 
     The result is never worse than the square-root start nor than DP-SGD
@@ -432,8 +434,9 @@ def optimize_banded_toeplitz(
     so each participation has sensitivity `‖c‖₂` (times the clip norm): the setting of
     amplified BandMF.
 
-    To add the noise `C⁻¹ z` while training, keep the last `num_bands - 1` outputs:
-    `w_t = (z_t - c_1 w_{t-1} - ... - c_{b-1} w_{t-b+1}) / c_0` (`dp.BandMFNoise`).
+    To add the noise `C⁻¹ z` while training, keep the last `num_bands - 1` outputs: `w_t =
+    (z_t - c_1 w_{t-1} - ... - c_{b-1} w_{t-b+1}) / c_0`
+    ([`dp.BandMFNoise`][eqx_micro.dp.BandMFNoise]).
 
     **Arguments:**
 

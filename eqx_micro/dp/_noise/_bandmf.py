@@ -51,18 +51,20 @@ class BandMFNoiseState(AbstractNoiseState):
 class BandMFNoise(AbstractNoiseTransform[BandMFNoiseState]):
     """Correlated noise `C⁻¹ z` for banded matrix factorization (BandMF).
 
-    `C` is the lower-triangular banded Toeplitz strategy matrix with first column
-    `coefs` (`c_0, ..., c_{b-1}`, then zeros). Step `t` adds `w_t`, the `t`-th entry of
-    `C⁻¹ z` with `z_t ~ N(0, stddev²)` iid, computed as it streams: `C w = z` is the
-    recurrence `w_t = (z_t - c_1 w_{t-1} - ... - c_{b-1} w_{t-b+1}) / c_0`. The state
-    keeps the last `b - 1` noises (memory `b - 1` times the model), any number of steps
-    can run (each draws a fresh key, so nothing repeats or runs out), and a serialized
-    state resumes the exact same sequence. With `coefs=[1]` this is `dp.GaussianNoise`
-    bit for bit, for the same key.
+    `C` is the lower-triangular banded Toeplitz strategy matrix with first column `coefs`
+    (`c_0, ..., c_{b-1}`, then zeros). Step `t` adds `w_t`, the `t`-th entry of `C⁻¹ z` with
+    `z_t ~ N(0, stddev²)` iid, computed as it streams: `C w = z` is the recurrence `w_t =
+    (z_t - c_1 w_{t-1} - ... - c_{b-1} w_{t-b+1}) / c_0`. The state keeps the last `b - 1`
+    noises (memory `b - 1` times the model), any number of steps can run (each draws a fresh
+    key, so nothing repeats or runs out), and a serialized state resumes the exact same
+    sequence. With `coefs=[1]` this is [`dp.GaussianNoise`][eqx_micro.dp.GaussianNoise] bit
+    for bit, for the same key.
 
-    The guarantee needs `stddev = noise_multiplier * sensitivity * (max column norm of
-    C)`, with each example participating at most once every `b` steps (cyclic Poisson
-    sampling with `cycle_length=b`); `dp.BandMFExecutionPlanConfig` sets all of this.
+    The guarantee needs `stddev = noise_multiplier * sensitivity * (max column norm of C)`,
+    with each example participating at most once every `b` steps (cyclic Poisson sampling
+    with `cycle_length=b`);
+    [`dp.BandMFExecutionPlanConfig`][eqx_micro.dp.BandMFExecutionPlanConfig] sets all of
+    this.
 
     **Arguments:**
 

@@ -46,7 +46,8 @@ class AbstractNoiseTransform(eqx.Module, Generic[_State]):
         PRNG key lives in the state, so no step reuses noise.
     - `stddev`: the standard deviation of the underlying Gaussian draws.
     - `state_type`: the class of the states `init` returns (a subclass of
-        `dp.AbstractNoiseState`), so a state can be checked against the transform.
+        [`dp.AbstractNoiseState`][eqx_micro.dp.AbstractNoiseState]), so a state can be
+        checked against the transform.
 
     Subclasses work inside `optax.chain` and as an execution plan's
     `noise_addition_transform`.

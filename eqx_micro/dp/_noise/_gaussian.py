@@ -53,11 +53,11 @@ class GaussianNoise(AbstractNoiseTransform[GaussianNoiseState]):
     `eqx.tree_deserialise_leaves` continues exactly where it stopped. Each leaf's noise
     is drawn in float32 (or wider) and the result is cast back to the leaf's dtype.
 
-    Add the noise to the output of a `dp.clipped_grad` callable as it is: its
-    sensitivity already includes `normalize_by`. Rescaling (e.g. dividing by the batch
-    size) before the noise would shrink the noise relative to the guarantee; rescale
-    after it, or better, set `normalize_by`. `dp.DPExecutionPlan.noisy_grad` does both
-    steps in one call, with the noise calibrated from the callable's sensitivity.
+    Add the noise to the output of a [`dp.clipped_grad`][eqx_micro.dp.clipped_grad] callable
+    as it is: its sensitivity already includes `normalize_by`. Rescaling (e.g. dividing by
+    the batch size) before the noise would shrink the noise relative to the guarantee;
+    rescale after it, or better, set `normalize_by`. `dp.DPExecutionPlan.noisy_grad` does
+    both steps in one call, with the noise calibrated from the callable's sensitivity.
 
     **Arguments:**
 

@@ -39,10 +39,12 @@ class BandMFExecutionPlanConfig(eqx.Module):
     noise for the same seed).
 
     `.make(grad_fn)` optimizes the strategy (unit column norm), calibrates the noise
-    multiplier if a target epsilon is given, and returns a `dp.DPExecutionPlan` with
-    `dp.CyclicPoissonSampling(cycle_length=num_bands)`, `dp.BandMFNoise` of standard
-    deviation `noise_multiplier * sensitivity * column norm`, and the amplified event.
-    `plan.prefix_sum_rmse()` compares it with other plans.
+    multiplier if a target epsilon is given, and returns a
+    [`dp.DPExecutionPlan`][eqx_micro.dp.DPExecutionPlan] with
+    `dp.CyclicPoissonSampling(cycle_length=num_bands)`,
+    [`dp.BandMFNoise`][eqx_micro.dp.BandMFNoise] of standard deviation `noise_multiplier *
+    sensitivity * column norm`, and the amplified event. `plan.prefix_sum_rmse()` compares
+    it with other plans.
 
     **Arguments:**
 
@@ -62,8 +64,9 @@ class BandMFExecutionPlanConfig(eqx.Module):
     - `strategy_optimization_steps`: the optimizer's step budget (stops early on
         convergence).
     - `accountant`, `neighboring_relation`, `noise_seed`: as in
-        `dp.DPSGDExecutionPlanConfig` (the relation defaults to `REPLACE_SPECIAL` when
-        `num_examples` is public, else `ADD_OR_REMOVE_ONE`).
+        [`dp.DPSGDExecutionPlanConfig`][eqx_micro.dp.DPSGDExecutionPlanConfig] (the relation
+        defaults to `REPLACE_SPECIAL` when `num_examples` is public, else
+        `ADD_OR_REMOVE_ONE`).
 
     !!! example
 

@@ -28,11 +28,12 @@ class DPSGDExecutionPlanConfig(eqx.Module):
     """The configuration of DP-SGD with Poisson sampling, calibrated or not.
 
     Give exactly one of `(epsilon, delta)` (the noise multiplier is then calibrated) or
-    `noise_multiplier`. `.make(grad_fn)` builds the `dp.DPExecutionPlan`: Poisson
-    sampling at `sampling_prob` (truncated to `truncated_batch_size` if set), Gaussian
-    noise of standard deviation `noise_multiplier * grad_fn.sensitivity(relation)`, and
-    the DP-SGD event over `iterations` updates (microbatching and gradient accumulation
-    inside one update do not count).
+    `noise_multiplier`. `.make(grad_fn)` builds the
+    [`dp.DPExecutionPlan`][eqx_micro.dp.DPExecutionPlan]: Poisson sampling at
+    `sampling_prob` (truncated to `truncated_batch_size` if set), Gaussian noise of standard
+    deviation `noise_multiplier * grad_fn.sensitivity(relation)`, and the DP-SGD event over
+    `iterations` updates (microbatching and gradient accumulation inside one update do not
+    count).
 
     **Arguments:**
 
@@ -44,8 +45,8 @@ class DPSGDExecutionPlanConfig(eqx.Module):
     - `truncated_batch_size`: truncate each Poisson batch to at most this many examples
         (accounted exactly; needs `num_examples`).
     - `num_examples`: the dataset size, if public.
-    - `accountant`: a `dp.Accountant` (default `PLD`) or a `dp_accounting`
-        accountant instance.
+    - `accountant`: a [`dp.Accountant`][eqx_micro.dp.Accountant] (default `PLD`) or a
+        `dp_accounting` accountant instance.
     - `neighboring_relation`: defaults to the accountant instance's relation if one is
         given, else to `ADD_OR_REMOVE_ONE`, or to `REPLACE_SPECIAL` (zero-out) when
         `num_examples` is public.

@@ -154,7 +154,8 @@ class DPExecutionPlan(eqx.Module):
 
     **Fields:**
 
-    - `clipped_aggregation_fn`: the bounded-sensitivity callable (`dp.clipped_grad`).
+    - `clipped_aggregation_fn`: the bounded-sensitivity callable
+        ([`dp.clipped_grad`][eqx_micro.dp.clipped_grad]).
     - `batch_selection_strategy`: how batches are drawn.
     - `noise_addition_transform`: the noise, with optax's `init`/`update` protocol.
     - `dp_event`: the `dp_accounting` event of the whole run.

@@ -142,8 +142,8 @@ class FixedBatchSampling(AbstractBatchSelectionStrategy):
 
     Each batch is `batch_size` examples drawn uniformly, without replacement within the
     batch (unless `replace=True`), independently across steps. Its accounting is
-    `dp.fixed_batch_dpsgd_event`. The same batches as
-    `jax_privacy.batch_selection.FixedBatchSampling` for the same generator.
+    [`dp.fixed_batch_dpsgd_event`][eqx_micro.dp.fixed_batch_dpsgd_event]. The same batches
+    as `jax_privacy.batch_selection.FixedBatchSampling` for the same generator.
 
     **Arguments:**
 

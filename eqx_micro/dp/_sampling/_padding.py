@@ -54,9 +54,9 @@ def pad_to_multiple_of(
     A Poisson-sampled batch has a random size; padding it to a multiple of a fixed size
     keeps the number of distinct shapes (and so compilations) small. An empty batch stays
     empty. With `microbatch_size`, the result is permuted by
-    `em.compute_early_stopping_order`, so that in the column-major microbatch split the
-    real examples fill the first microbatches and the padding lands in the last ones,
-    which early stopping then skips.
+    [`em.compute_early_stopping_order`][eqx_micro.compute_early_stopping_order], so that in
+    the column-major microbatch split the real examples fill the first microbatches and the
+    padding lands in the last ones, which early stopping then skips.
 
     **Arguments:**
 

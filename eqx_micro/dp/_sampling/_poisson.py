@@ -242,7 +242,7 @@ class PoissonSampling(AbstractBatchSelectionStrategy):
     for the same generator): each example joins each batch with probability
     `sampling_prob`, so batch sizes are `Binomial(num_examples, sampling_prob)`, capped
     at `truncated_batch_size` if given. It is the sampling that DP-SGD's accounting
-    (`dp.dpsgd_event`) assumes.
+    ([`dp.dpsgd_event`][eqx_micro.dp.dpsgd_event]) assumes.
 
     **Arguments:**
 

@@ -18,10 +18,10 @@ class UserLevelSampling(eqx.Module):
     """User-level batch selection: a base strategy picks users, not examples.
 
     Not itself a
-    [`dp.AbstractBatchSelectionStrategy`][eqx_micro.dp.AbstractBatchSelectionStrategy]:
-    its batches are 2-D (users by examples) and drawn from the users' ids, not from a
-    number of examples. `dp.UserSelectionStrategy` is the same class under
-    jax_privacy's name.
+    [`dp.AbstractBatchSelectionStrategy`][eqx_micro.dp.AbstractBatchSelectionStrategy]: its
+    batches are 2-D (users by examples) and drawn from the users' ids, not from a number of
+    examples. `dp.UserSelectionStrategy` is the same
+    class under jax_privacy's name.
 
     The base strategy samples from the users (the distinct values of `user_ids`); each
     selected user then contributes `examples_per_user_per_batch` of their own examples,

@@ -85,8 +85,8 @@ def _pad(indices: np.ndarray, multiple: int, microbatch_size: int | None) -> np.
 class DPTrainer(eqx.Module):
     """A differentially private training loop for an Equinox model.
 
-    Built from a `dp.DPExecutionPlan` (DP-SGD or BandMF: the same type) and an optax
-    optimizer. The plan's clipped callable is the loss: build it as
+    Built from a [`dp.DPExecutionPlan`][eqx_micro.dp.DPExecutionPlan] (DP-SGD or BandMF: the
+    same type) and an optax optimizer. The plan's clipped callable is the loss: build it as
     `dp.clipped_grad(loss_fn, clip_norm, key_argnum=2, ...)` from a per-example
     `loss_fn(model, batch, key) -> loss` (or `(loss, aux)` with `has_aux=True`); add
     `return_values=True` to see the training loss in the metrics and the progress bar.
@@ -96,7 +96,7 @@ class DPTrainer(eqx.Module):
     which keeps the guarantee) and applies the optimizer. `fit` runs the whole plan:
     batches from the plan's batch selection, padded to a few fixed sizes so the step
     compiles only a handful of times, a progress bar, checkpoints through a callback,
-    and a `dp.PrivacyReport` of the steps actually taken.
+    and a [`dp.PrivacyReport`][eqx_micro.dp.PrivacyReport] of the steps actually taken.
 
     Models with `eqx.nn.BatchNorm` are refused (use `eqx.nn.GroupNorm` or
     `eqx.nn.LayerNorm`): normalizing over the batch breaks per-example clipping.
@@ -186,8 +186,9 @@ class DPTrainer(eqx.Module):
         """The same training loop without privacy: a baseline to compare with.
 
         Batches of `batch_size` examples drawn uniformly at every step
-        (`dp.FixedBatchSampling`), the mean of the per-example gradients of `loss_fn`
-        (not clipped), no noise. `fit` reports `epsilon = inf`.
+        ([`dp.FixedBatchSampling`][eqx_micro.dp.FixedBatchSampling]), the mean of the
+        per-example gradients of `loss_fn` (not clipped), no noise. `fit` reports `epsilon =
+        inf`.
 
         **Arguments:**
 
@@ -298,7 +299,7 @@ class DPTrainer(eqx.Module):
 
         **Arguments:**
 
-        - `state`: the `dp.TrainState`.
+        - `state`: the [`dp.TrainState`][eqx_micro.dp.TrainState].
         - `batch`: the batch, examples along axis 0 of every array leaf.
         - `is_padding_example`: a bool vector, True for padding rows.
         - `key`: the run's PRNG key.
@@ -408,16 +409,18 @@ class DPTrainer(eqx.Module):
     ) -> tuple[PyTree, PrivacyReport]:
         """Trains for the plan's `iterations` steps; returns the model and its report.
 
-        Draws the batches from `plan.batch_selection_strategy.batch_iterator(n, rng)`,
-        pads each one with `dp.pad_to_multiple_of` (padding placed for early stopping,
-        so microbatches of pure padding are skipped) and gathers it with
-        `dp.gather_padded_batch`. An empty batch becomes one of pure padding: the step
-        and its noise still run, as the accounting assumes.
+        Draws the batches from `plan.batch_selection_strategy.batch_iterator(n, rng)`, pads
+        each one with [`dp.pad_to_multiple_of`][eqx_micro.dp.pad_to_multiple_of] (padding
+        placed for early stopping, so microbatches of pure padding are skipped) and gathers
+        it with [`dp.gather_padded_batch`][eqx_micro.dp.gather_padded_batch]. An empty batch
+        becomes one of pure padding: the step and its noise still run, as the accounting
+        assumes.
 
-        To resume, pass a `dp.TrainState` (e.g. from a checkpoint) instead of a model,
-        with `rng` in the state it had when the run began (e.g. the same seed): the
-        first `state.step` batches are drawn again and skipped, so the resumed run gives
-        the same model, bit for bit, as one that was never interrupted.
+        To resume, pass a [`dp.TrainState`][eqx_micro.dp.TrainState] (e.g. from a
+        checkpoint) instead of a model, with `rng` in the state it had when the run began
+        (e.g. the same seed): the first `state.step` batches are drawn again and skipped, so
+        the resumed run gives the same model, bit for bit, as one that was never
+        interrupted.
 
         **Arguments:**
 

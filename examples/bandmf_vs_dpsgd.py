@@ -27,6 +27,7 @@ The full run writes `examples/results/bandmf_vs_dpsgd.md` and `bandmf_vs_dpsgd.p
 import math
 import pathlib
 import time
+from typing import Any
 
 import dp_accounting
 import jax
@@ -74,32 +75,25 @@ def make_plan(
     )
     iterations = round(epochs * num_examples / batch_size)
     # Calibrated to (epsilon, DELTA), or at a noise multiplier found before.
-    epsilon_or_none = epsilon if noise_multiplier is None else None
-    delta = DELTA if noise_multiplier is None else None
-    if num_bands == 1:
-        config = dp.DPSGDExecutionPlanConfig(
-            iterations=iterations,
-            sampling_prob=batch_size / num_examples,
-            epsilon=epsilon_or_none,
-            delta=delta,
-            noise_multiplier=noise_multiplier,
-            num_examples=num_examples,
-            accountant=ACCOUNTANT,
-            noise_seed=seed,
-        )
-        return config.make(grad_fn)
-    group_size = num_examples // num_bands  # Equal groups; the rest never sampled.
-    config = dp.BandMFExecutionPlanConfig(
+    calibrate = noise_multiplier is None
+    common: dict[str, Any] = dict(
         iterations=iterations,
-        num_bands=num_bands,
-        sampling_prob=min(1.0, batch_size / group_size),
-        epsilon=epsilon_or_none,
-        delta=delta,
+        epsilon=epsilon if calibrate else None,
+        delta=DELTA if calibrate else None,
         noise_multiplier=noise_multiplier,
         num_examples=num_examples,
         accountant=ACCOUNTANT,
         noise_seed=seed,
     )
+    if num_bands == 1:
+        sampling_prob = batch_size / num_examples
+        config = dp.DPSGDExecutionPlanConfig(sampling_prob=sampling_prob, **common)
+    else:
+        group_size = num_examples // num_bands  # Equal groups; the rest never sampled.
+        sampling_prob = min(1.0, batch_size / group_size)
+        config = dp.BandMFExecutionPlanConfig(
+            num_bands=num_bands, sampling_prob=sampling_prob, **common
+        )
     return config.make(grad_fn)
 
 

@@ -180,7 +180,8 @@ class Mean(AbstractAccumulator):
     Microbatches skipped by early stopping count as zeros: the sum of the executed
     results is divided by the total number of microbatches. This is the exact mean of a
     padded batch whose padding contributes zero; use `RunningMean` to average over the
-    executed microbatches only.
+    executed microbatches only. An empty batch (no microbatch at all) gives NaN, as
+    `jnp.mean` of an empty array does: there is no mean to give.
 
     **Arguments:**
 

@@ -12,8 +12,11 @@ from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
+import jax.core
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
+from jaxtyping import Array
 
 from ._custom_types import StaticInt
 
@@ -100,8 +103,11 @@ def describe_leaf(path: tuple, param_names: Sequence[str]) -> str:
 
 
 def padding_mask(fun: Callable, kwargs: dict, caller: str) -> Any:
-    """The `is_padding_example` keyword, checked to reach a `fun` that takes it."""
+    """The `is_padding_example` keyword, checked to reach a `fun` that takes it, and
+    made boolean in `kwargs` (see `validate_padding_mask`)."""
     mask = kwargs.get(PADDING)
+    if mask is not None:
+        mask = kwargs[PADDING] = validate_padding_mask(mask, None, caller)
     if mask is not None and not accepts_keyword(signature_of(fun), PADDING):
         raise TypeError(
             f"`is_padding_example` was passed, but the function given to `{caller}` "
@@ -173,3 +179,50 @@ def check_key(key: Any, name: str, caller: str, where: str = "") -> None:
 def per_example_keys(key: Any, batch_size: int) -> Any:
     """One key per example: `fold_in(key, example_index)`, whatever the split."""
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch_size))
+
+
+def validate_padding_mask(
+    is_padding_example: Any, batch_size: int | None, caller: str
+) -> Array:
+    """Checks `is_padding_example` is one flag per example and returns it as a boolean
+    array: booleans, or integers that are all 0 or 1 (1 marks padding)."""
+    if not isinstance(is_padding_example, jax.Array | np.ndarray):
+        is_padding_example = np.asarray(is_padding_example)
+    dtype = is_padding_example.dtype
+    if dtype != np.bool_ and not jnp.issubdtype(dtype, jnp.integer):
+        raise TypeError(
+            f"`{caller}` needs `is_padding_example` to be a boolean array (True marks "
+            f"padding) or a 0/1 integer one, got dtype {dtype}. Pass "
+            "`is_padding_example=mask.astype(bool)` or compare indices, e.g. "
+            "`indices == -1`."
+        )
+    if is_padding_example.ndim != 1:
+        raise ValueError(
+            f"`{caller}` needs `is_padding_example` to be one-dimensional (one flag per "
+            f"example), got shape {tuple(is_padding_example.shape)}."
+        )
+    if batch_size is not None and is_padding_example.shape[0] != batch_size:
+        raise ValueError(
+            f"`{caller}` got `is_padding_example` of length "
+            f"{is_padding_example.shape[0]} for a batch of {batch_size} examples; give "
+            "one flag per example."
+        )
+    if dtype == np.bool_:
+        return jnp.asarray(is_padding_example)
+    return _zero_one_as_bool(is_padding_example, caller)
+
+
+def _zero_one_as_bool(mask: Any, caller: str) -> Array:
+    """An integer mask as booleans; anything but 0 and 1 is refused (a wrong mask would
+    count padding as data)."""
+    message = (
+        f"`{caller}` got an integer `is_padding_example` with values other than 0 and "
+        "1; give 1 (or True) for padding and 0 (or False) for real examples."
+    )
+    if isinstance(mask, jax.core.Tracer):
+        mask = eqx.error_if(mask, (mask != 0) & (mask != 1), message)
+        return mask == 1
+    values = np.asarray(mask)
+    if not np.isin(values, (0, 1)).all():
+        raise ValueError(message)
+    return jnp.asarray(values == 1)

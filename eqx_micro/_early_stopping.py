@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Int
 
-from ._arguments import check_positive_int
+from ._arguments import check_positive_int, validate_padding_mask
 from ._batch_axis import num_microbatches_for
 
 
@@ -49,7 +49,10 @@ def compute_early_stopping_order(
         ```
     """
     if batch_size < 0:
-        raise ValueError(f"`batch_size` must be >= 0, got {batch_size}.")
+        raise ValueError(
+            f"`compute_early_stopping_order` got `batch_size={batch_size}`; it must be a "
+            "non-negative number of examples."
+        )
     if microbatch_size is None:
         return np.arange(batch_size)
     microbatch_size = check_positive_int(
@@ -67,33 +70,6 @@ def _real_per_microbatch(is_padding_example: Any, microbatch_size: int) -> Any:
     num_microbatches = batch_size // microbatch_size
     is_real = ~is_padding_example.reshape(microbatch_size, num_microbatches)
     return is_real.any(axis=0)
-
-
-def validate_padding_mask(
-    is_padding_example: Any, batch_size: int | None, caller: str
-) -> Array:
-    """Checks `is_padding_example` is a boolean vector of the batch's length."""
-    if not isinstance(is_padding_example, jax.Array | np.ndarray):
-        is_padding_example = np.asarray(is_padding_example)
-    if is_padding_example.dtype != np.bool_:
-        raise TypeError(
-            f"`{caller}` needs `is_padding_example` to be a boolean array (True marks "
-            f"padding), got dtype {is_padding_example.dtype}. Pass "
-            "`is_padding_example=mask.astype(bool)` or compare indices, e.g. "
-            "`indices == -1`."
-        )
-    if is_padding_example.ndim != 1:
-        raise ValueError(
-            f"`{caller}` needs `is_padding_example` to be one-dimensional (one flag per "
-            f"example), got shape {tuple(is_padding_example.shape)}."
-        )
-    if batch_size is not None and is_padding_example.shape[0] != batch_size:
-        raise ValueError(
-            f"`{caller}` got `is_padding_example` of length "
-            f"{is_padding_example.shape[0]} for a batch of {batch_size} examples; give "
-            "one flag per example."
-        )
-    return jnp.asarray(is_padding_example)
 
 
 def count_real_microbatches(

@@ -36,10 +36,10 @@ from ._accumulators import (
     Mean,
     Sum,
 )
-from ._arguments import Caller, describe_leaf, PADDING
+from ._arguments import Caller, describe_leaf, PADDING, validate_padding_mask
 from ._batch_axis import num_microbatches_for, split_batch_axis
 from ._custom_types import StaticInt
-from ._early_stopping import count_real_microbatches, validate_padding_mask
+from ._early_stopping import count_real_microbatches
 
 
 class AbstractTransformed(eqx.Module):
@@ -51,6 +51,10 @@ class AbstractTransformed(eqx.Module):
     """
 
     fun: eqx.AbstractVar[Callable]
+
+    # `jax.jit(f)` keys its cache on `f` itself: hash by identity, so that an instance
+    # holding arrays can be jitted as a function (its arrays become constants).
+    __hash__ = object.__hash__
 
     @abc.abstractmethod
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -336,6 +340,33 @@ def _run(
     return jax.lax.fori_loop(0, bound, body, carry)
 
 
+def _checked_update(
+    accumulator: AbstractAccumulator, carry: Any, value: Any, index: Any, argument: str
+) -> Any:
+    """`accumulator.update`, refused when it changes the carry's form (a loop carry
+    must keep its structure, shapes and dtypes)."""
+    new = accumulator.update(carry, value, index)
+    before = jtu.tree_flatten_with_path(carry)
+    after = jtu.tree_flatten_with_path(new)
+    name = type(accumulator).__name__
+    if before[1] != after[1]:
+        raise ValueError(
+            f"`{name}.update` (in `{argument}`) returned a carry of structure "
+            f"{after[1]}, but `{name}.init` made {before[1]}; `update` must return the "
+            "carry in the form `init` made it."
+        )
+    for (path, old), (_, got) in zip(before[0], after[0]):
+        if (jnp.shape(old), jnp.result_type(old)) != (jnp.shape(got), jnp.result_type(got)):
+            raise ValueError(
+                f"`{name}.update` (in `{argument}`) returned the carry leaf "
+                f"`carry{jtu.keystr(path)}` with shape {jnp.shape(got)} and dtype "
+                f"{jnp.result_type(got)}, but `{name}.init` made it {jnp.shape(old)} and "
+                f"{jnp.result_type(old)}; `update` must keep the carry's shapes and dtypes "
+                "(a loop carries it from one microbatch to the next)."
+            )
+    return new
+
+
 def call_microbatched(
     per_microbatch: Callable[[Any, Any, Any], tuple[Any, Any]],
     inputs: Any,
@@ -413,7 +444,7 @@ def call_microbatched(
         threaded_in = eqx.combine(threaded_arrays, threaded_static)
         value, threaded_out = call(split.take(index), index, threaded_in)
         acc_carry = map_accumulators(
-            lambda acc, c, v: acc.update(c, v, index),
+            lambda acc, c, v: _checked_update(acc, c, v, index, argument),
             accumulators,
             acc_carry,
             value,

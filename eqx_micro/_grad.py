@@ -21,6 +21,7 @@ from ._arguments import (
     positional_names,
     signature_of,
     takes_varargs,
+    validate_padding_mask,
 )
 from ._engine import AbstractTransformed, Accumulators, call_vmapped, flat_accumulators
 
@@ -134,6 +135,11 @@ class _MicroGrad(AbstractTransformed):
         is_padding_example = kwargs.get(PADDING)
         if PADDING in kwargs and is_padding_example is None:
             del kwargs[PADDING]
+        if is_padding_example is not None:
+            is_padding_example = validate_padding_mask(
+                is_padding_example, None, "micro_grad"
+            )
+            kwargs[PADDING] = is_padding_example
         used = [*self.argnums, *self.batch_argnums]
         if self.key_argnum is not None:
             used.append(self.key_argnum)

@@ -18,6 +18,7 @@ from ._arguments import (
     positional_names as positional_names,
     signature_of as signature_of,
     takes_varargs as takes_varargs,
+    validate_padding_mask as validate_padding_mask,
 )
 from ._backend import (
     disabled as disabled,
@@ -30,7 +31,6 @@ from ._backend import (
     ynnpack_barrier as ynnpack_barrier,
 )
 from ._custom_types import DType as DType
-from ._early_stopping import validate_padding_mask as validate_padding_mask
 from ._engine import call_microbatched as call_microbatched
 from ._grad import check_scalar_loss as check_scalar_loss
 from ._jaxpr import (

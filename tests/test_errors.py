@@ -112,8 +112,18 @@ def fun_with_mask(x, is_padding_example):
 
 def test_non_bool_padding_mask():
     f = em.microbatch(fun_with_mask, 0, 2)
-    with pytest.raises(TypeError, match="boolean array .* got dtype int32"):
-        f(jnp.ones(4), is_padding_example=jnp.array([0, 0, 1, 1]))
+    with pytest.raises(TypeError, match="boolean array .* got dtype float32"):
+        f(jnp.ones(4), is_padding_example=jnp.array([0.0, 0.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="is_padding_example.*other than 0 and 1"):
+        f(jnp.ones(4), is_padding_example=jnp.array([0, 0, 2, 1]))
+
+
+def test_integer_padding_mask_equals_the_boolean_one():
+    f = em.microbatch(fun_with_mask, 0, 2)
+    x = jnp.arange(1.0, 5.0)
+    as_bool = f(x, is_padding_example=jnp.array([False, True, False, True]))
+    as_int = f(x, is_padding_example=jnp.array([0, 1, 0, 1]))
+    assert float(as_bool) == float(as_int) == 4.0
 
 
 def test_padding_mask_of_the_wrong_length_or_rank():
@@ -181,6 +191,6 @@ def test_reshape_batch_axis_errors():
 def test_compute_early_stopping_order_errors():
     with pytest.raises(ValueError, match="not divisible"):
         em.compute_early_stopping_order(10, 3)
-    with pytest.raises(ValueError, match="must be >= 0"):
+    with pytest.raises(ValueError, match="batch_size=-1.*non-negative"):
         em.compute_early_stopping_order(-1, 3)
     assert np.array_equal(em.compute_early_stopping_order(3, None), np.arange(3))

@@ -8,6 +8,7 @@ import equinox as eqx
 import jax
 import jax.core
 import jax.numpy as jnp
+import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
@@ -64,6 +65,10 @@ class AbstractNoiseTransform(eqx.Module, Generic[_State]):
 
     stddev: eqx.AbstractVar[Float[Array, ""]]
 
+    # `jax.jit(f)` keys its cache on `f` itself: hash by identity, so that an instance
+    # holding arrays can be jitted as a function (its arrays become constants).
+    __hash__ = object.__hash__
+
     @property
     @abc.abstractmethod
     def state_type(self) -> type[_State]:
@@ -78,6 +83,58 @@ class AbstractNoiseTransform(eqx.Module, Generic[_State]):
         self, updates: PyTree, state: _State, params: Any = None
     ) -> tuple[PyTree, _State]:
         """Adds this step's noise to `updates`; returns `(noised, new_state)`."""
+
+    def check_state(self, state: Any, params: PyTree) -> None:
+        """Raises a clear error unless `state` is a state of this transform for
+        updates shaped like `params` (its kind, then its tree, shapes and dtypes).
+
+        !!! example
+
+            ```python
+            import jax.numpy as jnp
+            import pytest
+            import eqx_micro.dp as dp
+
+            noise = dp.BandMFNoise([1.0, 0.5], stddev=1.0, key=0)
+            noise.check_state(noise.init({"w": jnp.zeros(3)}), {"w": jnp.zeros(3)})
+            with pytest.raises(ValueError, match="state.history"):
+                noise.check_state(noise.init({"w": jnp.zeros(4)}), {"w": jnp.zeros(3)})
+            ```
+        """
+        if not isinstance(state, self.state_type):
+            raise TypeError(
+                f"The noise state is a `{type(state).__name__}`, but the noise is a "
+                f"`{type(self).__name__}`, whose state is a "
+                f"`{self.state_type.__name__}`. Pass the state from `init(params)` of "
+                "this noise (or the checkpoint of a run that used it)."
+            )
+        expected = eqx.filter_eval_shape(self.init, params)
+        got = eqx.filter_eval_shape(lambda: state)
+        expected_leaves = jtu.tree_flatten_with_path(expected)[0]
+        got_leaves = jtu.tree_flatten_with_path(got)[0]
+        got_by_path = dict(got_leaves)
+        for path, want in expected_leaves:
+            have = got_by_path.get(path)
+            where = f"state{jtu.keystr(path)}"
+            if have is None:
+                raise ValueError(
+                    f"The noise state has no `{where}`, which updates shaped like these "
+                    "parameters need: it was made for another model. Make it with "
+                    "`init(params)` for this model."
+                )
+            if (have.shape, have.dtype) != (want.shape, want.dtype):
+                raise ValueError(
+                    f"The noise state's `{where}` has shape {have.shape} and dtype "
+                    f"{have.dtype}, but these parameters need {want.shape} and "
+                    f"{want.dtype}: it was made for another model. Make it with "
+                    "`init(params)` for this model."
+                )
+        if len(got_leaves) != len(expected_leaves):
+            extra = [jtu.keystr(p) for p, _ in got_leaves if p not in dict(expected_leaves)]
+            raise ValueError(
+                f"The noise state has entries these parameters do not have "
+                f"(`state{extra[0] if extra else ''}`): it was made for another model."
+            )
 
 
 def key_from(key: PRNGKeyArray | int) -> PRNGKeyArray:

@@ -7,7 +7,12 @@ from typing import Any
 
 import dp_accounting
 
-from .._accounting import calibrate_noise_multiplier, NeighboringRelation, Real
+from .._accounting import (
+    calibrate_noise_multiplier,
+    check_delta,
+    NeighboringRelation,
+    Real,
+)
 from .._clipping._contract import AbstractBoundedSensitivityCallable
 
 
@@ -38,9 +43,20 @@ def check_config(config: Any) -> None:
         if not (config.epsilon > 0 and math.isfinite(config.epsilon)):
             raise ValueError(f"`epsilon` must be finite and > 0, got {config.epsilon}.")
         if config.delta is None:
-            raise ValueError("A target `epsilon` needs a `delta` too.")
+            raise ValueError(
+                f"A target `epsilon={config.epsilon}` needs a `delta` too: the "
+                "guarantee is (epsilon, delta); pass e.g. `delta=1e-5` (well below "
+                "1 / num_examples)."
+            )
     if config.delta is not None:
-        _check_open_unit("delta", config.delta, closed_high=False)
+        if config.epsilon is None:
+            raise ValueError(
+                f"Got `delta={config.delta}` without a target `epsilon`: the config "
+                "uses `delta` only to calibrate the noise to `(epsilon, delta)`. With a "
+                "`noise_multiplier`, leave `delta` out and ask for the epsilon at any "
+                "delta with `plan.epsilon(delta)`."
+            )
+        check_delta(config.delta)
     if config.noise_multiplier is not None and not (
         config.noise_multiplier >= 0 and math.isfinite(config.noise_multiplier)
     ):

@@ -41,7 +41,7 @@ class DPSGDExecutionPlanConfig(eqx.Module):
     - `sampling_prob`: the probability that an example is in a batch, in (0, 1].
     - `epsilon`, `delta`: the target guarantee (`epsilon > 0`, `delta` in (0, 1)).
     - `noise_multiplier`: instead of a target epsilon, the noise over the sensitivity
-        (`delta` may still be given, to report epsilon).
+        (then without `delta`; `plan.epsilon(delta)` reports epsilon at any delta).
     - `truncated_batch_size`: truncate each Poisson batch to at most this many examples
         (accounted exactly; needs `num_examples`).
     - `num_examples`: the dataset size, if public.

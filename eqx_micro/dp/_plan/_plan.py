@@ -54,6 +54,10 @@ class NoisyRelease(eqx.Module):
     noise_addition_transform: AbstractNoiseTransform
     iterations: Int[Array, ""]
 
+    # `jax.jit(f)` keys its cache on `f` itself: hash by identity, so that an instance
+    # holding arrays can be jitted as a function (its arrays become constants).
+    __hash__ = object.__hash__
+
     def __call__(
         self,
         noise_state: AbstractNoiseState,
@@ -64,25 +68,28 @@ class NoisyRelease(eqx.Module):
         """`(noisy_grad, new_noise_state, aux)`, as `DPExecutionPlan.noisy_grad`."""
         noise = self.noise_addition_transform
         if not isinstance(noise_state, noise.state_type):
-            raise TypeError(
-                f"The noise state is a `{type(noise_state).__name__}`, but this plan's "
-                f"noise is a `{type(noise).__name__}`, whose state is a "
-                f"`{noise.state_type.__name__}`. Pass the state from "
-                "`plan.noise_addition_transform.init(params)` (or the checkpoint of a "
-                "run of this plan)."
-            )
+            noise.check_state(noise_state, None)  # names the kinds
+        self._check_budget(noise_state.count)
         clipped, aux = self.clipped_aggregation_fn(
             *args, is_padding_example=is_padding_example, **kwargs
         )
+        noise.check_state(noise_state, clipped)
         count = noise_state.count
-        if not isinstance(count, jax.core.Tracer) and int(count) >= int(self.iterations):
-            raise ValueError(_USED_UP.format(iterations=int(self.iterations)))
         # Under `jit` the count is known only at run time: one check per release, on
         # the count the new state is built from.
         count = eqx.error_if(count, count >= self.iterations, _USED_UP_TRACED)
         noise_state = eqx.tree_at(lambda s: s.count, noise_state, count)
         noisy, noise_state = self.noise_addition_transform.update(clipped, noise_state)
         return noisy, noise_state, aux
+
+    def _check_budget(self, count: Any) -> None:
+        """Refuses, before anything runs, a release past the budget when it is known."""
+        if isinstance(count, jax.core.Tracer) or isinstance(
+            self.iterations, jax.core.Tracer
+        ):
+            return
+        if int(count) >= int(self.iterations):
+            raise ValueError(_USED_UP.format(iterations=int(self.iterations)))
 
 
 _USED_UP = (
@@ -173,6 +180,10 @@ class DPExecutionPlan(eqx.Module):
     noise_multiplier: float = eqx.field(static=True)
     iterations: int = eqx.field(static=True)
     accountant: AccountantLike = eqx.field(static=True, default=Accountant.PLD)
+
+    # `jax.jit(f)` keys its cache on `f` itself: hash by identity, so that an instance
+    # holding arrays can be jitted as a function (its arrays become constants).
+    __hash__ = object.__hash__
 
     @property
     def privacy_unit(self) -> str:

@@ -17,8 +17,14 @@ class Progress:
     """
 
     def __init__(
-        self, enabled: bool, total: int, initial: int, epsilon_fn: Callable[[int], float]
+        self,
+        enabled: bool,
+        total: int,
+        initial: int,
+        epsilon_fn: Callable[[int], float] | None,
     ):
+        """`epsilon_fn(steps)`: the epsilon after that many steps; None for a
+        non-private run (no epsilon is shown)."""
         self.enabled = enabled
         self.total = total
         self.epsilon_fn = epsilon_fn
@@ -39,11 +45,14 @@ class Progress:
         self._request(initial)
 
     def _request(self, steps: int) -> None:
+        epsilon_fn = self.epsilon_fn
+        if epsilon_fn is None or steps == 0:  # nothing spent yet: nothing to show
+            return
         if self.thread is not None and self.thread.is_alive():
             return
 
         def work() -> None:
-            self.epsilon = (steps, self.epsilon_fn(steps))
+            self.epsilon = (steps, epsilon_fn(steps))
 
         self.thread = threading.Thread(target=work, daemon=True)
         self.thread.start()
@@ -51,7 +60,7 @@ class Progress:
     def update(self, steps: int, metrics: dict[str, Array]) -> None:
         if not self.enabled:
             return
-        if steps % self.tenth == 0:
+        if steps % self.tenth == 0 or self.epsilon is None:
             self._request(steps)
         if steps % self.every and steps != self.total:
             if self.bar is not None:
@@ -60,7 +69,7 @@ class Progress:
         loss = float(metrics["loss"])
         text = {"loss": "n/a" if math.isnan(loss) else f"{loss:.4f}"}
         if self.epsilon is not None:
-            text["eps"] = f"{self.epsilon[1]:.3g} (step {self.epsilon[0]})"
+            text["eps"] = f"{format_epsilon(self.epsilon[1])} (step {self.epsilon[0]})"
         self.text = text
         if self.bar is not None:
             self.bar.set_postfix(text, refresh=False)
@@ -72,10 +81,23 @@ class Progress:
     def close(self, report: PrivacyReport) -> None:
         if not self.enabled:
             return
+        private = self.epsilon_fn is not None
         if self.bar is not None:
-            self.bar.set_postfix({**self.text, "eps": f"{report.epsilon:.3g}"})
+            if private:
+                self.bar.set_postfix({**self.text, "eps": format_epsilon(report.epsilon)})
             self.bar.close()
-        print(
-            f"Trained {report.steps} of {report.iterations} steps: "
-            f"epsilon {report.epsilon:.4g} at delta {report.delta:g}."
+        spent = (
+            f"epsilon {report.epsilon:.4g} at delta {report.delta:g}"
+            if private
+            else "not private (no epsilon)"
         )
+        print(f"Trained {report.steps} of {report.iterations} steps: {spent}.")
+
+
+def format_epsilon(epsilon: float) -> str:
+    """Two significant digits, trailing zeros kept (`1.0`, `0.35`, `12`)."""
+    if not math.isfinite(epsilon):
+        return f"{epsilon}"
+    if epsilon >= 10:
+        return f"{epsilon:.0f}"
+    return f"{epsilon:#.2g}"

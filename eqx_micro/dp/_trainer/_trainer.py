@@ -20,7 +20,8 @@ import optax
 from jaxtyping import Array, ArrayLike, Bool, Float, PRNGKeyArray, PyTree
 
 from ... import micro_grad
-from .._accounting import compute_epsilon, NeighboringRelation, Real
+from .._accounting import check_delta, compute_epsilon, NeighboringRelation, Real
+from .._clipping._callable import BoundedSensitivityCallable
 from .._clipping._contract import ClippedGradAux
 from .._plan._plan import DPExecutionPlan, NoisyRelease
 from .._sampling._base import AbstractBatchSelectionStrategy, RngLike
@@ -68,6 +69,37 @@ def _default_multiple(
     if spread == 0.0:
         spread = strategy.expected_batch_size(num_examples)
     return max(math.ceil(spread / microbatch_size), 1) * microbatch_size
+
+
+def _check_trainer_loss(fn: Any) -> None:
+    """The trainer calls the clipped aggregation as `fn(model, batch, key, ...)`."""
+    if not isinstance(fn, BoundedSensitivityCallable):
+        return  # a user's own callable: its contract says how it is called
+    loss = fn.loss
+    if (loss.argnums, loss.batch_argnums, loss.key_argnum) != ((0,), (1,), 2):
+        raise ValueError(
+            f"`DPTrainer` calls the plan's loss as `loss(model, batch, key)`, but it was "
+            f"built with `argnums={loss.argnums}`, `batch_argnums={loss.batch_argnums}` "
+            f"and `key_argnum={loss.key_argnum}`. Build it with "
+            f"`dp.{loss.caller}(loss_fn, clip_norm, key_argnum=2, ...)` from a "
+            "`loss_fn(model, batch, key)` (the key may go unused)."
+        )
+
+
+def _check_padding_multiple(padding_multiple: Any, microbatch_size: int | None) -> None:
+    if isinstance(padding_multiple, bool) or not isinstance(padding_multiple, int):
+        raise TypeError(
+            "`DPTrainer.fit` needs `padding_multiple` to be a positive int, got "
+            f"{padding_multiple!r}."
+        )
+    step = microbatch_size or 1
+    if padding_multiple < 1 or padding_multiple % step:
+        raise ValueError(
+            f"`DPTrainer.fit` got `padding_multiple={padding_multiple}`, but every padded "
+            f"batch must split into microbatches of {step} (the plan's "
+            f"`microbatch_size`): pick a positive multiple of {step}, e.g. "
+            f"{max(1, -(-padding_multiple // step)) * step}."
+        )
 
 
 def _pad(indices: np.ndarray, multiple: int, microbatch_size: int | None) -> np.ndarray:
@@ -161,8 +193,18 @@ class DPTrainer(eqx.Module):
                 "`dp.DPSGDExecutionPlanConfig(...).make(grad_fn)`), got "
                 f"{type(plan).__name__}."
             )
+        if not isinstance(optimizer, optax.GradientTransformation):
+            raise TypeError(
+                "`DPTrainer` needs `optimizer` to be an optax optimizer (an "
+                "`optax.GradientTransformation`, e.g. `optax.sgd(0.1)`), got "
+                f"{optimizer!r}. Pass a learning rate through the optimizer: "
+                "`DPTrainer(plan, optax.sgd(learning_rate))`."
+            )
+        _check_trainer_loss(plan.clipped_aggregation_fn)
         if isinstance(normalize_by, bool) or not (
-            math.isfinite(normalize_by) and normalize_by > 0
+            isinstance(normalize_by, int | float)
+            and math.isfinite(normalize_by)
+            and normalize_by > 0
         ):
             raise ValueError(
                 f"`DPTrainer` got `normalize_by={normalize_by}`; it must be a finite "
@@ -253,6 +295,13 @@ class DPTrainer(eqx.Module):
             raise TypeError(
                 "`DPTrainer.step` needs `state` to be a `dp.TrainState` (from "
                 f"`trainer.init(model)`), got {type(state).__name__}."
+            )
+        # The budget, before the compiled step (whose check can only fail at run time).
+        if int(state.noise_state.count) >= self.plan.iterations:
+            raise ValueError(
+                f"`DPTrainer.step`: the plan's privacy event covers "
+                f"{self.plan.iterations} iterations and this state has made them all; "
+                "make a new plan (and account for both) to train longer."
             )
 
     def init(self, model: PyTree) -> TrainState:
@@ -377,6 +426,7 @@ class DPTrainer(eqx.Module):
             assert report.epsilon == dp.compute_epsilon(event, 1e-5, accountant=rdp)
             ```
         """
+        check_delta(delta)
         event = self.plan.event_for_steps(steps)
         if steps == 0:
             epsilon = 0.0
@@ -475,10 +525,13 @@ class DPTrainer(eqx.Module):
             assert report.epsilon < trainer.privacy_report(20, 1e-5).epsilon
             ```
         """
+        check_delta(delta)
         num_examples = _num_examples(data)
         if isinstance(model_or_state, TrainState):
             state = model_or_state
             _check_no_batch_norm(state.model)
+            params = eqx.filter(state.model, eqx.is_inexact_array)
+            self.plan.noise_addition_transform.check_state(state.noise_state, params)
         else:
             state = self.init(model_or_state)
         start = int(state.step)
@@ -494,14 +547,16 @@ class DPTrainer(eqx.Module):
             padding_multiple = _default_multiple(
                 strategy, num_examples, microbatch_size or 1
             )
+        _check_padding_multiple(padding_multiple, microbatch_size)
         batches = strategy.batch_iterator(num_examples, rng)
         # Resuming: replay the sampler to where the state stopped.
         batches = itertools.islice(batches, start, None)
+        private = not isinstance(self.plan.dp_event, dp_accounting.NonPrivateDpEvent)
         bar = Progress(
             progress,
             iterations,
             start,
-            lambda steps: self.privacy_report(steps, delta).epsilon,
+            (lambda steps: self.privacy_report(steps, delta).epsilon) if private else None,
         )
         steps = start
         for indices in batches:

@@ -13,6 +13,7 @@ from ._accounting import (
 )
 from ._clipping._callable import (
     BoundedSensitivityCallable as BoundedSensitivityCallable,
+    clipped_fun as clipped_fun,
     clipped_grad as clipped_grad,
     ghost_clipped_grad as ghost_clipped_grad,
     GhostClippedGrad as GhostClippedGrad,

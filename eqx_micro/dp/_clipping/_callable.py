@@ -39,10 +39,11 @@ from ...internal import (
     positional_names,
     signature_of,
     takes_varargs,
+    validate_padding_mask,
 )
 from .._ghost._strategy import GhostClipping, GhostFallback, GhostMethod
 from ._contract import AbstractBoundedSensitivityCallable, ClippedGradAux, PrivacyUnit
-from ._per_example import PerExampleGradients
+from ._per_example import PerExampleGradients, PerExampleOutputs
 from ._pytree import ClipNorm
 from ._spec import AbstractClippingStrategy, ClipSettings, ExampleLoss, MicrobatchSums
 
@@ -179,7 +180,7 @@ class BoundedSensitivityCallable(AbstractBoundedSensitivityCallable):
             check_key(key, f"args[{self.loss.key_argnum}]", caller, where)
             arg_list[self.loss.key_argnum] = per_example_keys(key, batch_size)
         if mask is not None:
-            kwargs = {**kwargs, PADDING: mask}
+            kwargs = {**kwargs, PADDING: validate_padding_mask(mask, None, caller)}
         return tuple(arg_list), kwargs
 
     def __call__(
@@ -191,6 +192,7 @@ class BoundedSensitivityCallable(AbstractBoundedSensitivityCallable):
         caller = self.loss.caller
         args, kwargs = self._prepare(args, kwargs, is_padding_example)
         inputs = (args, kwargs)
+        is_padding_example = kwargs.get(PADDING)
 
         def per_microbatch(microbatch: Any, index: Any, threaded: Any) -> Any:
             mb_args, mb_kwargs = microbatch
@@ -655,4 +657,105 @@ def ghost_clipped_grad(
         pre_clipping_transform=pre_clipping_transform,
         dtype=dtype,
         key_argnum=key_argnum,
+    )
+
+
+def clipped_fun(
+    fun: Callable,
+    has_aux: bool = False,
+    *,
+    batch_argnums: int | Sequence[int] = 0,
+    keep_batch_dim: bool = True,
+    l2_clip_norm: PyTree[ClipNorm] = 1.0,
+    rescale_to_unit_norm: bool = False,
+    normalize_by: int | float = 1.0,
+    return_norms: bool = False,
+    microbatch_size: int | None = None,
+    nan_safe: bool = True,
+    dtype: DType = None,
+    key_argnum: int | None = None,
+) -> BoundedSensitivityCallable:
+    """The sum over a batch of a function's per-example outputs, each clipped to an L2
+    norm: DP sums, means and statistics with a known sensitivity.
+
+    Each example's output of `fun` (any PyTree of arrays) is clipped to `l2_clip_norm`
+    like a gradient in [`dp.clipped_grad`][eqx_micro.dp.clipped_grad], then the clipped
+    outputs are summed and divided by `normalize_by`. Same machinery: microbatching,
+    padding (`is_padding_example`), early stopping, NaN safety, per-example keys, and a
+    `sensitivity(neighboring_relation)` from which a plan or a noise transform is set.
+    The arguments are jax_privacy's `clipped_fun`'s.
+
+    **Arguments:**
+
+    - `fun`: `fun(*args)` of one example (with a batch axis of size 1 if
+        `keep_batch_dim`); returns a PyTree of arrays, or `(output, aux)` with
+        `has_aux`.
+    - `has_aux`: whether `fun` returns `(output, aux)`; aux is returned per example.
+    - `batch_argnums`: the batched argument(s); the others reach every example whole.
+    - `keep_batch_dim`, `microbatch_size`, `normalize_by`, `rescale_to_unit_norm`,
+        `nan_safe`, `dtype`, `key_argnum`: as for `dp.clipped_grad`.
+    - `l2_clip_norm`: a finite non-negative number, or a PyTree prefix of the output.
+    - `return_norms`: return each example's output norm (before clipping) in
+        `aux.grad_norms`.
+
+    **Returns:**
+
+    A [`dp.BoundedSensitivityCallable`][eqx_micro.dp.BoundedSensitivityCallable]
+    returning `(clipped_sum, dp.ClippedGradAux)`.
+
+    !!! example
+
+        ```python
+        import jax.numpy as jnp
+        import eqx_micro.dp as dp
+
+        clipped_sum = dp.clipped_fun(jnp.mean, l2_clip_norm=1.0)
+        data = jnp.array([0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
+        total, aux = clipped_sum(data)
+        assert total == 5.0  # 0 + 1 + 1 + 1 + 1 + 1
+        padding = jnp.array([False, False, False, False, True, True])
+        assert clipped_sum(data, is_padding_example=padding)[0] == 3.0
+        assert clipped_sum.sensitivity() == 1.0
+        ```
+    """
+    caller = "clipped_fun"
+    check_callable(fun, "fun", caller)
+    _clip_norm_values(l2_clip_norm, caller)
+    batch_argnums_t = check_argnums(batch_argnums, "batch_argnums", caller)
+    if not batch_argnums_t:
+        raise ValueError(f"`{caller}` needs at least one argument in `batch_argnums`.")
+    if key_argnum is not None:
+        (key_argnum,) = check_argnums(key_argnum, "key_argnum", caller)
+        if key_argnum in batch_argnums_t:
+            raise ValueError(
+                f"`{caller}` got `key_argnum={key_argnum}`, which is also in "
+                "`batch_argnums`; the key must be its own argument."
+            )
+    if microbatch_size is not None:
+        microbatch_size = check_positive_int(microbatch_size, "microbatch_size", caller)
+    clip = ClipSettings(
+        l2_clip_norm=jtu.tree_map(lambda c: jnp.asarray(c, jnp.float32), l2_clip_norm),
+        pre_clipping_transform=None,
+        rescale_to_unit_norm=rescale_to_unit_norm,
+        nan_safe=nan_safe,
+        dtype=dtype,
+        return_values=False,
+        return_grad_norms=return_norms,
+    )
+    loss = ExampleLoss(
+        fun=fun,
+        argnums=(),
+        single_argnum=False,
+        batch_argnums=batch_argnums_t,
+        key_argnum=key_argnum,
+        has_aux=has_aux,
+        keep_batch_dim=keep_batch_dim,
+        caller=caller,
+    )
+    return BoundedSensitivityCallable(
+        loss=loss,
+        clip=clip,
+        strategy=PerExampleOutputs(),
+        normalize_by=_normalize_by(normalize_by, caller),
+        microbatch_size=microbatch_size,
     )

@@ -126,6 +126,10 @@ class AbstractBoundedSensitivityCallable(eqx.Module):
 
     microbatch_size: eqx.AbstractVar[int | None]
 
+    # `jax.jit(f)` keys its cache on `f` itself: hash by identity, so that an instance
+    # holding arrays can be jitted as a function (its arrays become constants).
+    __hash__ = object.__hash__
+
     @property
     @abc.abstractmethod
     def l2_norm_bound(self) -> float:

@@ -1,6 +1,7 @@
 """The per-example strategy: every example's gradient formed (`vmap` of `grad`), clipped
 and summed, the clip scales folded into the sum."""
 
+import abc
 from typing import Any
 
 import equinox as eqx
@@ -23,7 +24,7 @@ class _Rows(eqx.Module):
     grads: Any
     scales: Any
     unreadable: Any  # a bool scalar, or None when no example can be unreadable
-    value: Array
+    value: Array | None  # None for outputs clipped by `clipped_fun` (no loss)
     aux: Any
     norms: list[Array]
     nonfinite: Array
@@ -55,9 +56,14 @@ def _readable_sum(rows: _Rows, dtype_of: Any) -> Any:
     return jax.lax.fori_loop(0, rows.unreadable.shape[0], add_example, zeros)
 
 
-class PerExampleGradients(AbstractClippingStrategy):
-    """Forms each example's gradient with `jax.vmap(jax.grad(...))`: any model, any
-    `pre_clipping_transform`, memory of one microbatch of gradients."""
+class _AbstractPerExample(AbstractClippingStrategy):
+    """Clips a tree formed for each example (by `example_tree`) and sums it."""
+
+    @abc.abstractmethod
+    def example_tree(
+        self, loss: ExampleLoss, args: tuple, kwargs: dict
+    ) -> tuple[Any, Any, Any]:
+        """`(value, aux, tree to clip)` of one (expanded) example."""
 
     def check(self, clip: ClipSettings, caller: str) -> None:
         pass
@@ -70,7 +76,7 @@ class PerExampleGradients(AbstractClippingStrategy):
         kwargs: dict,
         is_padding: Any,
     ) -> _Rows:
-        (value, aux), grads = loss.value_and_grad(loss.expand(args), kwargs)
+        value, aux, grads = self.example_tree(loss, loss.expand(args), kwargs)
         if clip.pre_clipping_transform is not None:
             grads = clip.pre_clipping_transform(grads)
         if clip.dtype is not None:
@@ -92,7 +98,8 @@ class PerExampleGradients(AbstractClippingStrategy):
                 unreadable = ~finite & is_padding
             nonfinite = jnp.where(is_padding, 0, nonfinite)
             norms = [jnp.where(is_padding, 0.0, n) for n in norms]
-            value = jnp.where(is_padding, jnp.zeros_like(value), value)
+            if value is not None:
+                value = jnp.where(is_padding, jnp.zeros_like(value), value)
             aux = jtu.tree_map(
                 lambda x: (
                     jnp.where(is_padding, jnp.zeros_like(x), x) if eqx.is_array(x) else x
@@ -138,6 +145,17 @@ class PerExampleGradients(AbstractClippingStrategy):
             aux=rows.aux if loss.has_aux else None,
         )
 
+
+class PerExampleGradients(_AbstractPerExample):
+    """Forms each example's gradient with `jax.vmap(jax.grad(...))`: any model, any
+    `pre_clipping_transform`, memory of one microbatch of gradients."""
+
+    def example_tree(
+        self, loss: ExampleLoss, args: tuple, kwargs: dict
+    ) -> tuple[Any, Any, Any]:
+        (value, aux), grads = loss.value_and_grad(args, kwargs)
+        return value, aux, grads
+
     def describe(
         self, loss: ExampleLoss, clip: ClipSettings, args: tuple, kwargs: dict
     ) -> dict[str, str]:
@@ -149,3 +167,18 @@ class PerExampleGradients(AbstractClippingStrategy):
             for path, _ in jtu.tree_flatten_with_path(params)[0]:
                 described[head + jtu.keystr(path)] = "per-example gradient"
         return described
+
+
+class PerExampleOutputs(_AbstractPerExample):
+    """Clips each example's output of the function itself (`dp.clipped_fun`)."""
+
+    def example_tree(
+        self, loss: ExampleLoss, args: tuple, kwargs: dict
+    ) -> tuple[Any, Any, Any]:
+        output, aux = loss.outputs(args, kwargs)
+        return None, aux, output
+
+    def describe(
+        self, loss: ExampleLoss, clip: ClipSettings, args: tuple, kwargs: dict
+    ) -> dict[str, str]:
+        return {"output": "per-example output"}

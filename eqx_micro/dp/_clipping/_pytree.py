@@ -8,7 +8,8 @@ import jax
 import jax.core
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from jaxtyping import Array, ArrayLike, Float, PyTree
+import numpy as np
+from jaxtyping import Array, ArrayLike, Bool, Float, PyTree
 
 
 # A clip norm: a Python number or a scalar array (traced clip norms are allowed).
@@ -19,6 +20,15 @@ def _check_static_clip_norm(path: str, value: Any) -> None:
     """Rejects a concrete negative or NaN clip norm (infinity means: do not clip)."""
     if isinstance(value, jax.core.Tracer):
         return
+    is_number = isinstance(value, int | float | np.number) and not isinstance(value, bool)
+    is_array = isinstance(value, jax.Array | np.ndarray) and jnp.issubdtype(
+        value.dtype, jnp.number
+    )
+    if not (is_number or is_array) or np.ndim(value) != 0:
+        raise TypeError(
+            f"`l2_clip_norm{path}` must be a number or a scalar array, got {value!r} of "
+            f"type {type(value).__name__}."
+        )
     value = float(value)
     if math.isnan(value) or value < 0:
         raise ValueError(
@@ -53,6 +63,7 @@ def clip_pytree(
     l2_clip_norm: PyTree[ClipNorm],
     *,
     rescale_to_unit_norm: bool = False,
+    return_zero: bool | Bool[ArrayLike, ""] = False,
 ) -> tuple[PyTree, PyTree[Float[Array, ""]]]:
     """Clips a PyTree to an L2 norm, globally or per layer.
 
@@ -72,6 +83,9 @@ def clip_pytree(
     - `tree`: the PyTree to clip; non-array leaves are returned unchanged.
     - `l2_clip_norm`: a non-negative number, or a PyTree prefix of `tree` of them.
     - `rescale_to_unit_norm`: divide the clipped tree by its clip norm.
+    - `return_zero`: return zeros instead (a bool, or a bool scalar array, e.g. whether
+        this example is padding), with the input's norm; as in jax_privacy, the
+        computation is the same either way, so it does not reveal which it was.
 
     **Returns:**
 
@@ -89,17 +103,25 @@ def clip_pytree(
         layers = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.0, 10.0])}
         clipped, norms = dp.clip_pytree(layers, {"a": 1.0, "b": 15.0})
         assert norms == {"a": 5.0, "b": 10.0} and (clipped["b"] == layers["b"]).all()
+        zeros, norm = dp.clip_pytree({"w": jnp.array([3.0, 4.0])}, 1.0, return_zero=True)
+        assert norm == 5.0 and (zeros["w"] == 0).all()
         ```
     """
     scales, norms = clip_scales(tree, l2_clip_norm, rescale_to_unit_norm)
-    clipped = jtu.tree_map(
-        lambda x, scale: (
-            (x.astype(jnp.float32) * scale).astype(x.dtype) if eqx.is_array(x) else x
-        ),
-        tree,
-        scales,
-    )
-    return clipped, norms
+    zero = jnp.asarray(return_zero)
+    if zero.dtype != jnp.bool_ or zero.ndim != 0:
+        raise TypeError(
+            "`clip_pytree` needs `return_zero` to be a bool or a bool scalar array, got "
+            f"{return_zero!r}."
+        )
+
+    def clip_leaf(x: Any, scale: Any) -> Any:
+        if not eqx.is_array(x):
+            return x
+        clipped = (x.astype(jnp.float32) * scale).astype(x.dtype)
+        return jnp.where(zero, jnp.zeros_like(clipped), clipped)
+
+    return jtu.tree_map(clip_leaf, tree, scales), norms
 
 
 def clip_scales(
@@ -163,6 +185,10 @@ class ClipL2(eqx.Module):
 
     l2_clip_norm: PyTree[Float[Array, ""]]
     rescale_to_unit_norm: bool = eqx.field(static=True, default=False)
+
+    # `jax.jit(f)` keys its cache on `f` itself: hash by identity, so that an instance
+    # holding arrays can be jitted as a function (its arrays become constants).
+    __hash__ = object.__hash__
 
     def __init__(
         self,

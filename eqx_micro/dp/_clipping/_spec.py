@@ -82,6 +82,21 @@ class ExampleLoss(eqx.Module):
             aux = jtu.tree_map(_squeeze_leading, aux)
         return loss, aux
 
+    def outputs(self, args: tuple, kwargs: dict) -> tuple[Any, Any]:
+        """`(output, aux)` of one (expanded) example, whatever the output's form."""
+        out = self.fun(*args, **kwargs)
+        if not self.has_aux:
+            return out, None
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise TypeError(
+                f"`{self.caller}` was given `has_aux=True`, so `fun` must return a "
+                f"pair `(output, aux)`; it returned {type(out).__name__}."
+            )
+        output, aux = out
+        if self.keep_batch_dim:
+            aux = jtu.tree_map(_squeeze_leading, aux)
+        return output, aux
+
     def value_and_grad(self, args: tuple, kwargs: dict) -> tuple[tuple[Array, Any], Any]:
         """`((loss, aux), grads)` of one example, filtered like `eqx.filter_grad`:
         gradients of the inexact arrays of the `argnums` arguments, `None` elsewhere."""

@@ -1,0 +1,47 @@
+"""Every ```python block of the README and the docs runs (each page's blocks in order,
+in one fresh process with 4 host CPU devices, as the sharding page needs); blocks that
+include an example script by snippet are run by `test_examples.py` instead."""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PAGES = [
+    path
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    if "```python" in path.read_text()
+]
+
+
+def _blocks(page: pathlib.Path) -> list[str]:
+    blocks = re.findall(r"^```python\n(.*?)^```", page.read_text(), flags=re.S | re.M)
+    return [block for block in blocks if "--8<--" not in block]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_code_blocks_run(page):
+    blocks = _blocks(page)
+    if not blocks:
+        pytest.skip("only snippets of example scripts")
+    program = "\n\n".join(blocks)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    result = subprocess.run(
+        [sys.executable, "-c", program],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_every_page_with_code_is_found():
+    names = {p.name for p in PAGES}
+    assert {"README.md", "differential_privacy.md", "ghost_clipping.md"} <= names

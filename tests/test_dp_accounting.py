@@ -154,3 +154,34 @@ def test_calibration_equals_dp_accountings_own(steps, sampling_prob, target):
     )
     assert ours == pytest.approx(theirs, abs=2e-3)
     assert dp.compute_epsilon(make(ours), 1e-5) <= target
+
+
+def test_accounting_is_quiet_and_leaves_logging_alone(caplog):
+    """dp_accounting's RDP logs a warning per order it skips; nobody asked for them.
+    Two threads accounting at once (the progress bar does) leave the level as it was,
+    and the user's own dp_accounting calls still log."""
+    import logging
+    import threading
+
+    logger = logging.getLogger("absl")
+    level = logger.level
+    event = dp.dpsgd_event(1.0, 10, sampling_prob=0.25)
+    results = []
+
+    def account():
+        return dp.compute_epsilon(event, 1e-5, accountant=dp.Accountant.RDP)
+
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        threads = [
+            threading.Thread(target=lambda: results.append(account())) for _ in range(3)
+        ]
+        for thread in threads:
+            thread.start()
+        results.append(account())
+        for thread in threads:
+            thread.join()
+        assert len(results) == 4 and len(set(results)) == 1
+        assert not caplog.records
+        dp_accounting.rdp.RdpAccountant().compose(event).get_epsilon(1e-5)
+        assert caplog.records  # outside our calls, dp_accounting speaks as before
+    assert logger.level == level

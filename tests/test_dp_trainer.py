@@ -316,3 +316,33 @@ def test_bad_arguments():
         dp.DPTrainer("plan", optax.sgd(0.1))
     with pytest.raises(ValueError, match="`normalize_by=0`"):
         dp.DPTrainer(TRAINER.plan, optax.sgd(0.1), normalize_by=0)
+
+
+@pytest.mark.parametrize(
+    "epsilon,shown",
+    [(0.0, "0.0"), (0.3456, "0.35"), (1.0, "1.0"), (1.04, "1.0"), (2.96, "3.0")]
+    + [(12.4, "12"), (123.6, "124"), (math.inf, "inf")],
+)
+def test_progress_shows_two_significant_digits(epsilon, shown):
+    from eqx_micro.dp._trainer._progress import format_epsilon
+
+    assert format_epsilon(epsilon) == shown
+
+
+def test_progress_line_has_a_finite_epsilon_once_a_step_has_run(capsys):
+    """The bar's last postfix and the closing line: epsilon from the report, never
+    `inf`; a non-private run shows none."""
+    _, report = TRAINER.fit(
+        make_data(), make_model(), rng=1, key=jax.random.key(7), delta=DELTA, progress=True
+    )
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert f"epsilon {report.epsilon:.4g} at delta {DELTA:g}" in text
+    assert "inf" not in text
+    non_private = dp.DPTrainer.non_private(
+        loss, optax.sgd(0.1), batch_size=10, iterations=3
+    )
+    non_private.fit(make_data(), make_model(), rng=1, key=jax.random.key(7), progress=True)
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert "not private (no epsilon)" in text and "eps=" not in text

@@ -672,6 +672,7 @@ case(
     )
 )
 case("fit: delta of 1", ValueError, "delta")(lambda: _fit(delta=1.0))
+case("fit: a private plan without delta", ValueError, "delta")(lambda: _fit(delta=None))
 case("fit: a BandMF state in a DP-SGD trainer", TypeError, "state")(
     _fit_with_a_bandmf_state
 )

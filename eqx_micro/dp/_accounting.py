@@ -9,6 +9,7 @@ import copy
 import enum
 import logging
 import math
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -523,14 +524,35 @@ def _search(
     return float(sigma)
 
 
+class _Silence(threading.local):
+    """How deep this thread is in our accounting calls (the progress bar accounts in a
+    background thread while the main thread may account too)."""
+
+    depth = 0
+
+
+_SILENCE = _Silence()
+
+
+class _QuietAccounting(logging.Filter):
+    """Drops `dp_accounting`'s messages below ERROR (e.g. the RDP orders it skips)
+    logged while this thread is inside our accounting; other logging is untouched."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _SILENCE.depth == 0 or record.levelno >= logging.ERROR
+
+
+# dp_accounting logs through absl, whose records go to the "absl" logger. A filter
+# (not a level change) is per thread and leaves the logger's level alone.
+logging.getLogger("absl").addFilter(_QuietAccounting())
+
+
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Silences `dp_accounting`'s log messages (e.g. RDP orders it skips), which a user
-    asking for an epsilon did not ask for; errors still raise."""
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """Silences `dp_accounting`'s log messages, which a user asking for an epsilon did
+    not ask for; errors still raise."""
+    _SILENCE.depth += 1
     try:
         yield
     finally:
-        logger.setLevel(level)
+        _SILENCE.depth -= 1

@@ -46,6 +46,12 @@ def _global_norm(tree: Any) -> Float[Array, ""]:
     return jnp.sqrt(sum(squares, jnp.float32(0)))
 
 
+def _finite_or_zero(x: Any) -> Any:
+    if eqx.is_array(x) and jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    return x
+
+
 def clip_scale(norm: Any, clip: Any, rescale_to_unit_norm: bool) -> Any:
     """The factor `clip_pytree` scales a tree of L2 norm `norm` by (float32)."""
     clip = jnp.asarray(clip, jnp.float32)
@@ -63,6 +69,7 @@ def clip_pytree(
     l2_clip_norm: PyTree[ClipNorm],
     *,
     rescale_to_unit_norm: bool = False,
+    nan_safe: bool = True,
     return_zero: bool | Bool[ArrayLike, ""] = False,
 ) -> tuple[PyTree, PyTree[Float[Array, ""]]]:
     """Clips a PyTree to an L2 norm, globally or per layer.
@@ -75,14 +82,16 @@ def clip_pytree(
     Edge cases: a zero tree is returned unchanged (norm 0); clip 0 gives zeros; clip
     `inf` returns the tree unchanged; with `rescale_to_unit_norm`, the result is further
     divided by `c` (norm at most 1), clip 0 normalizes to unit norm, and clip `inf` gives
-    zeros. A NaN or infinite input gives a non-finite norm and output: callers that must
-    stay finite (e.g. `nan_safe` DP clipping) check the returned norm.
+    zeros. With `nan_safe` (the default, as in jax_privacy) NaN and infinite entries are
+    read as zeros before the norm is taken, so the bound holds whatever the input; with
+    `nan_safe=False` a non-finite input gives a non-finite norm and output.
 
     **Arguments:**
 
     - `tree`: the PyTree to clip; non-array leaves are returned unchanged.
     - `l2_clip_norm`: a non-negative number, or a PyTree prefix of `tree` of them.
     - `rescale_to_unit_norm`: divide the clipped tree by its clip norm.
+    - `nan_safe`: replace NaN and ±inf entries by zeros before clipping.
     - `return_zero`: return zeros instead (a bool, or a bool scalar array, e.g. whether
         this example is padding), with the input's norm; as in jax_privacy, the
         computation is the same either way, so it does not reveal which it was.
@@ -107,6 +116,10 @@ def clip_pytree(
         assert norm == 5.0 and (zeros["w"] == 0).all()
         ```
     """
+    if not isinstance(nan_safe, bool):
+        raise TypeError(f"`clip_pytree` needs `nan_safe` to be a bool, got {nan_safe!r}.")
+    if nan_safe:
+        tree = jtu.tree_map(_finite_or_zero, tree)
     scales, norms = clip_scales(tree, l2_clip_norm, rescale_to_unit_norm)
     zero = jnp.asarray(return_zero)
     if zero.dtype != jnp.bool_ or zero.ndim != 0:
@@ -157,7 +170,8 @@ def clip_scales(
 class ClipL2(eqx.Module):
     """Clips a gradient to an L2 norm: a `transform_fn` for `em.micro_grad`.
 
-    `ClipL2(c)(grads)` is `dp.clip_pytree(grads, c)[0]`. The clip norm is an array
+    `ClipL2(c)(grads)` is `dp.clip_pytree(grads, c)[0]` (NaN and infinite entries read
+    as zeros, unless `nan_safe=False`). The clip norm is an array
     field, so changing it between steps does not recompile; a PyTree of them clips per
     layer (a prefix of the gradient's structure).
 
@@ -165,6 +179,7 @@ class ClipL2(eqx.Module):
 
     - `l2_clip_norm`: a non-negative number, or a PyTree prefix of the gradient.
     - `rescale_to_unit_norm`: divide the clipped gradient by the clip norm.
+    - `nan_safe`: as for `clip_pytree`.
 
     !!! example
 
@@ -185,6 +200,7 @@ class ClipL2(eqx.Module):
 
     l2_clip_norm: PyTree[Float[Array, ""]]
     rescale_to_unit_norm: bool = eqx.field(static=True, default=False)
+    nan_safe: bool = eqx.field(static=True, default=True)
 
     # `jax.jit(f)` keys its cache on `f` itself: hash by identity, so that an instance
     # holding arrays can be jitted as a function (its arrays become constants).
@@ -194,6 +210,7 @@ class ClipL2(eqx.Module):
         self,
         l2_clip_norm: PyTree[ClipNorm],
         rescale_to_unit_norm: bool = False,
+        nan_safe: bool = True,
     ):
         jtu.tree_map_with_path(
             lambda path, c: _check_static_clip_norm(jtu.keystr(path), c), l2_clip_norm
@@ -202,9 +219,13 @@ class ClipL2(eqx.Module):
             lambda c: jnp.asarray(c, jnp.float32), l2_clip_norm
         )
         self.rescale_to_unit_norm = rescale_to_unit_norm
+        self.nan_safe = nan_safe
 
     def __call__(self, grads: PyTree) -> PyTree:
         clipped, _ = clip_pytree(
-            grads, self.l2_clip_norm, rescale_to_unit_norm=self.rescale_to_unit_norm
+            grads,
+            self.l2_clip_norm,
+            rescale_to_unit_norm=self.rescale_to_unit_norm,
+            nan_safe=self.nan_safe,
         )
         return clipped

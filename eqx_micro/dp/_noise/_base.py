@@ -50,8 +50,13 @@ class AbstractNoiseTransform(eqx.Module, Generic[_State]):
         [`dp.AbstractNoiseState`][eqx_micro.dp.AbstractNoiseState]), so a state can be
         checked against the transform.
 
-    Subclasses work inside `optax.chain` and as an execution plan's
-    `noise_addition_transform`.
+    Subclasses work wherever optax takes a transformation by its `init`/`update`
+    (`optax.chain`, `optax.masked`, `optax.MultiSteps`, `optax.apply_if_finite`, ...),
+    under `jax.jit` (hashed by identity, like a function), and as an execution plan's
+    `noise_addition_transform`; their states serialize with
+    `eqx.tree_serialise_leaves`. Where code is typed (or checks) for an
+    `optax.GradientTransformation`, wrap one: `optax.GradientTransformation(noise.init,
+    noise.update)`.
 
     !!! example
 

@@ -5,6 +5,7 @@ number of updates). The trainer adds what it does not: the optimizer, padding ba
 a few fixed shapes, progress, checkpoints, and the epsilon of the steps actually taken.
 """
 
+import functools
 import itertools
 import math
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from typing import Any
 import dp_accounting
 import equinox as eqx
 import jax
+import jax.core
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
@@ -180,6 +182,10 @@ class DPTrainer(eqx.Module):
     optimizer: optax.GradientTransformation
     normalize_by: Float[Array, ""]
 
+    # `jax.jit(trainer.step)` keys its cache on the method's trainer: hash by identity,
+    # as for a function (the trainer holds arrays, which are not hashable).
+    __hash__ = object.__hash__
+
     def __init__(
         self,
         plan: DPExecutionPlan,
@@ -296,8 +302,10 @@ class DPTrainer(eqx.Module):
                 "`DPTrainer.step` needs `state` to be a `dp.TrainState` (from "
                 f"`trainer.init(model)`), got {type(state).__name__}."
             )
-        # The budget, before the compiled step (whose check can only fail at run time).
-        if int(state.noise_state.count) >= self.plan.iterations:
+        # The budget, before the compiled step (whose check can only fail at run time);
+        # under the caller's own `jax.jit` the count is traced and that check remains.
+        count = state.noise_state.count
+        if not isinstance(count, jax.core.Tracer) and int(count) >= self.plan.iterations:
             raise ValueError(
                 f"`DPTrainer.step`: the plan's privacy event covers "
                 f"{self.plan.iterations} iterations and this state has made them all; "
@@ -452,7 +460,7 @@ class DPTrainer(eqx.Module):
         *,
         rng: RngLike,
         key: PRNGKeyArray,
-        delta: Real,
+        delta: Real | None = None,
         padding_multiple: int | None = None,
         callback: Callable[[TrainState, dict[str, Array]], Any] | None = None,
         progress: bool = True,
@@ -480,7 +488,9 @@ class DPTrainer(eqx.Module):
             It is part of the mechanism: keep it secret in a real release.
         - `key`: the PRNG key of the loss (e.g. dropout); step `t` uses
             `fold_in(key, t)`.
-        - `delta`: the delta of the privacy report and the progress bar.
+        - `delta`: the delta of the privacy report and the progress bar; required for
+            a private plan. A non-private run (`DPTrainer.non_private`) may omit it: its
+            report is then epsilon `inf` at delta 0.
         - `padding_multiple`: every batch is padded to a multiple of this (a multiple of
             the microbatch size). By default about twice the standard deviation of the
             batch size, so that the step compiles for a handful of sizes.
@@ -525,7 +535,14 @@ class DPTrainer(eqx.Module):
             assert report.epsilon < trainer.privacy_report(20, 1e-5).epsilon
             ```
         """
-        check_delta(delta)
+        private = not isinstance(self.plan.dp_event, dp_accounting.NonPrivateDpEvent)
+        if delta is not None:
+            check_delta(delta)
+        elif private:
+            raise ValueError(
+                "`DPTrainer.fit` needs `delta` for a private plan: the run's epsilon is "
+                "reported at it, e.g. `delta=1e-5` (below 1 / the number of examples)."
+            )
         num_examples = _num_examples(data)
         if isinstance(model_or_state, TrainState):
             state = model_or_state
@@ -551,12 +568,12 @@ class DPTrainer(eqx.Module):
         batches = strategy.batch_iterator(num_examples, rng)
         # Resuming: replay the sampler to where the state stopped.
         batches = itertools.islice(batches, start, None)
-        private = not isinstance(self.plan.dp_event, dp_accounting.NonPrivateDpEvent)
+        report_at = functools.partial(self._report, delta=delta)
         bar = Progress(
             progress,
             iterations,
             start,
-            (lambda steps: self.privacy_report(steps, delta).epsilon) if private else None,
+            (lambda steps: report_at(steps).epsilon) if private else None,
         )
         steps = start
         for indices in batches:
@@ -567,9 +584,21 @@ class DPTrainer(eqx.Module):
             bar.update(steps, metrics)
             if callback is not None and callback(state, metrics):
                 break
-        report = self.privacy_report(steps, delta)
+        report = report_at(steps)
         bar.close(report)
         return state.model, report
+
+    def _report(self, steps: int, delta: Real | None) -> PrivacyReport:
+        if delta is not None:
+            return self.privacy_report(steps, delta)
+        # Non-private, no delta asked: no epsilon holds at any delta but 0, trivially.
+        return PrivacyReport(
+            epsilon=math.inf,
+            delta=0.0,
+            steps=steps,
+            iterations=self.plan.iterations,
+            dp_event=self.plan.event_for_steps(steps),
+        )
 
 
 @eqx.filter_jit

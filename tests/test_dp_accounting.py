@@ -110,7 +110,7 @@ def test_microbatching_does_not_change_accounting():
         ),
         (
             lambda: dp.calibrate_noise_multiplier(lambda s: None, 0.0, 1e-5),
-            "`target_epsilon`",
+            "`target_epsilon=0.0`",
         ),
         (lambda: dp.calibrate_noise_multiplier(lambda s: None, 1.0, 2.0), "`target_delta`"),
         (

@@ -412,7 +412,7 @@ def test_overlapping_argnums():
 @pytest.mark.parametrize(
     "mask,error,message",
     [
-        (jnp.array([0, 1, 0]), TypeError, "`is_padding_example` to be a boolean"),
+        (jnp.array([0, 1, 2]), ValueError, "`is_padding_example` with values other"),
         (np.array([0.0, 1.0, 0.0]), TypeError, "`is_padding_example` to be a boolean"),
         (jnp.array([False, True]), ValueError, "of length 2 for a batch of 3"),
         (jnp.zeros((3, 1), bool), ValueError, "to be one-dimensional"),
@@ -422,3 +422,23 @@ def test_bad_padding_mask(mask, error, message):
     grad_fn = dp.clipped_grad(squared_error, 1.0)
     with pytest.raises(error, match=message):
         grad_fn(P, X, is_padding_example=mask)
+
+
+def test_a_clip_group_without_gradient_is_refused_and_none_excludes_it():
+    """A per-layer clip norm over leaves that get no gradient would add to the
+    sensitivity for nothing: refused, and `None` in the clip tree leaves it out."""
+
+    def loss(p, x):
+        return jnp.mean((p["scale"] * p["w"] - x) ** 2)
+
+    params = {"w": jnp.array(2.0), "scale": 1.0}  # a Python float: no gradient
+    x = jnp.ones((3, 1))
+    with pytest.raises(ValueError, match=r"l2_clip_norm\['scale'\].*None"):
+        dp.clipped_grad(loss, {"w": 1.0, "scale": 1.0})(params, x)
+    with pytest.raises(ValueError, match=r"l2_clip_norm\['scale'\]"):
+        dp.ghost_clipped_grad(loss, {"w": 1.0, "scale": 1.0})(params, x)
+    f = dp.clipped_grad(loss, {"w": 1.0, "scale": None})
+    grads, _ = f(params, x)
+    assert f.sensitivity() == 1.0
+    reference, _ = dp.clipped_grad(loss, 1.0)(params, x)
+    assert_tree_allclose(grads, reference)

@@ -40,9 +40,13 @@ def test_zero_tree_stays_zero(clip, rescale):
 
 
 @pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, -jnp.inf])
-def test_non_finite_input_gives_non_finite_norm(bad):
-    _, norm = dp.clip_pytree(jnp.array([1.0, bad]), 1.0)
+def test_non_finite_input(bad):
+    """`nan_safe=False`: a non-finite norm says so; the default reads the entry as 0."""
+    _, norm = dp.clip_pytree(jnp.array([1.0, bad]), 1.0, nan_safe=False)
     assert not jnp.isfinite(norm)
+    clipped, norm = dp.clip_pytree(jnp.array([3.0, bad, 4.0]), 1.0)
+    assert norm == 5.0
+    assert_tree_allclose(clipped, jnp.array([0.6, 0.0, 0.8]))
 
 
 def test_rescale_with_zero_clip_per_layer():

@@ -78,7 +78,6 @@ def test_calibrate_then_reaccount_gives_the_target(
         iterations=iterations,
         sampling_prob=sampling_prob,
         noise_multiplier=plan.noise_multiplier * 0.98,
-        delta=delta,
         noise_seed=0,
         **extra,
     ).make(grad_fn())

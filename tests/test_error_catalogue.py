@@ -389,6 +389,11 @@ case("clipped_grad: non-scalar loss", TypeError, r"fun.*\(1,\)")(
 case("clipped_grad: clip tree not a prefix", ValueError, "l2_clip_norm")(
     lambda: dp.clipped_grad(lambda p, x: loss(p["a"], x), {"b": 1.0})({"a": W}, X)
 )
+case("clipped_grad: a clip norm for a leaf with no gradient", ValueError, "l2_clip_norm")(
+    lambda: dp.clipped_grad(
+        lambda p, x: jnp.mean((p["scale"] * p["w"] - x) ** 2), {"w": 1.0, "scale": 1.0}
+    )({"w": jnp.array(2.0), "scale": 1.0}, jnp.ones((2, 1)))
+)
 case("ghost: method as a string", TypeError, "method")(
     lambda: dp.ghost_clipped_grad(loss, 1.0, method="ghost")
 )

@@ -214,6 +214,7 @@ class BoundedSensitivityCallable(AbstractBoundedSensitivityCallable):
             caller=Caller(caller, "`batch_argnums`", "leave it out of `batch_argnums`"),
         )
         sums = MicrobatchSums(*sums)
+        _check_clip_groups(self.clip.l2_clip_norm, sums.clipped_sum, caller)
         clipped = jtu.tree_map(
             lambda g: (g / self.normalize_by.astype(g.dtype)).astype(g.dtype),
             sums.clipped_sum,
@@ -658,6 +659,29 @@ def ghost_clipped_grad(
         dtype=dtype,
         key_argnum=key_argnum,
     )
+
+
+def _check_clip_groups(l2_clip_norm: PyTree, clipped: PyTree, caller: str) -> None:
+    """Refuses a per-layer clip norm whose subtree holds no array to clip (a layer
+    with no gradient, a model's activation function): its norm would still count in
+    the sensitivity, and so in the noise, with nothing to show for it."""
+    treedef = jtu.tree_structure(l2_clip_norm)
+    if treedef.num_leaves <= 1:
+        return
+    try:
+        subtrees = treedef.flatten_up_to(clipped)
+    except (ValueError, TypeError):
+        return  # a mismatch: clip_scales has named it already
+    paths = [jtu.keystr(path) for path, _ in jtu.tree_flatten_with_path(l2_clip_norm)[0]]
+    for path, subtree in zip(paths, subtrees, strict=True):
+        if not any(eqx.is_array(leaf) for leaf in jtu.tree_leaves(subtree)):
+            raise ValueError(
+                f"`{caller}` got a clip norm at `l2_clip_norm{path}`, but that part "
+                "of the output holds no array (no gradient: a non-array leaf, or a "
+                "parameter outside `argnums`); its clip norm would still count in the "
+                "sensitivity, adding noise for nothing. Put `None` there in the clip "
+                "tree."
+            )
 
 
 def clipped_fun(

@@ -14,7 +14,7 @@ import jaxtyping
 
 def _available() -> list[str]:
     here = pathlib.Path(__file__).parent
-    return sorted(p.stem for p in here.glob("*.py") if not p.stem.startswith("__"))
+    return sorted(p.stem for p in here.glob("*.py") if not p.stem.startswith("_"))
 
 
 def main(argv: list[str] | None = None) -> None:

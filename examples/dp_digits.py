@@ -24,6 +24,7 @@ import optax
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 import eqx_micro.dp as dp
+from examples._format import accuracy_text
 
 
 # Per epsilon, the expected batch size and the epochs of DP-SGD, tuned on the test
@@ -191,11 +192,11 @@ def table(results: dict[str, list[float]], epsilons: dict[str, float]) -> str:
         "|---|---|---|---|",
     ]
     for name, accuracies in results.items():
-        mean, std = 100 * np.mean(accuracies), 100 * np.std(accuracies)
         eps = epsilons[name]
         eps_text = "∞ (non-private)" if eps == float("inf") else f"{eps:.3g}"
-        accuracy_text = f"{mean:.1f}% ± {std:.1f}"
-        lines.append(f"| {name} | {eps_text} | {accuracy_text} | {len(accuracies)} |")
+        lines.append(
+            f"| {name} | {eps_text} | {accuracy_text(accuracies)} | {len(accuracies)} |"
+        )
     return "\n".join(lines)
 
 
@@ -217,7 +218,11 @@ def plot(results: dict[str, list[float]], path: pathlib.Path) -> None:
     ax.set_xticks(eps, [f"{e:g}" for e in eps])
     ax.set_xlabel("epsilon (delta = 1e-5)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Digits, small CNN: accuracy against privacy")
+    ax.set_title(
+        f"Digits, small CNN: accuracy against privacy\n(error bars: ± 1 std over "
+        f"{len(results[dp_names[0]])} seeds)",
+        fontsize=10,
+    )
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -270,6 +275,10 @@ def main(quick: bool = False) -> None:
     text = table(results, spent)
     print(text)
     if quick:
+        print(
+            "quick mode: one seed, few epochs, no baseline; a smoke test, not a "
+            "measurement (run without --quick for the recorded numbers)."
+        )
         print(f"total time {time.perf_counter() - start:.0f} s")
         return
     epsilons = list(dp_settings)

@@ -400,7 +400,7 @@ def _build(
     if microbatch_size is not None:
         microbatch_size = check_positive_int(microbatch_size, "microbatch_size", caller)
     clip = ClipSettings(
-        l2_clip_norm=jtu.tree_map(lambda c: jnp.asarray(c, jnp.float32), l2_clip_norm),
+        l2_clip_norm=l2_clip_norm,
         pre_clipping_transform=pre_clipping_transform,
         rescale_to_unit_norm=rescale_to_unit_norm,
         nan_safe=nan_safe,
@@ -758,7 +758,7 @@ def clipped_fun(
     if microbatch_size is not None:
         microbatch_size = check_positive_int(microbatch_size, "microbatch_size", caller)
     clip = ClipSettings(
-        l2_clip_norm=jtu.tree_map(lambda c: jnp.asarray(c, jnp.float32), l2_clip_norm),
+        l2_clip_norm=l2_clip_norm,
         pre_clipping_transform=None,
         rescale_to_unit_norm=rescale_to_unit_norm,
         nan_safe=nan_safe,

@@ -112,10 +112,15 @@ class ExampleLoss(eqx.Module):
         return out, grads[0] if self.single_argnum else grads
 
 
+def _float32_clip_norms(l2_clip_norm: PyTree) -> PyTree[Float[Array, ""]]:
+    # Array fields, not Python floats: a new clip norm does not recompile the step.
+    return jtu.tree_map(lambda c: jnp.asarray(c, jnp.float32), l2_clip_norm)
+
+
 class ClipSettings(eqx.Module):
     """How each example's gradient is clipped, and what is returned beside the sum."""
 
-    l2_clip_norm: PyTree[Float[Array, ""]]
+    l2_clip_norm: PyTree[Float[Array, ""]] = eqx.field(converter=_float32_clip_norms)
     pre_clipping_transform: Callable | None
     rescale_to_unit_norm: bool = eqx.field(static=True)
     nan_safe: bool = eqx.field(static=True)

@@ -1,6 +1,6 @@
 """eqx_micro: microbatching, per-example gradients and differential privacy for Equinox."""
 
-import importlib.metadata
+import importlib.metadata as _metadata
 
 from ._accumulate import (
     accumulate_gradients as accumulate_gradients,
@@ -26,4 +26,4 @@ from ._grad import micro_grad as micro_grad, PerExample as PerExample
 from ._microbatch import micro_vmap as micro_vmap, microbatch as microbatch
 
 
-__version__ = importlib.metadata.version("eqx_micro")
+__version__ = _metadata.version("eqx_micro")

@@ -18,6 +18,7 @@ from ._accumulators import (
 from ._arguments import (
     broadcast_axes,
     Caller,
+    check_bool,
     check_callable,
     check_key,
     check_positive_int,
@@ -258,6 +259,7 @@ def accumulate_gradients(
         assert jnp.allclose(out.grads.weight, full.weight, rtol=1e-5)
         ```
     """
+    check_bool(has_aux, "has_aux", "accumulate_gradients")
     microbatch_size = _check_arguments(
         loss_fn, batch, microbatch_size, num_microbatches, key, accumulator, unroll
     )

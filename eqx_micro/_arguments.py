@@ -49,6 +49,15 @@ def check_positive_int(value: Any, name: str, caller: str) -> int:
     return int(value)
 
 
+def check_bool(value: Any, name: str, caller: str) -> None:
+    """A Python bool (or NumPy's): a flag that changes the program, not a truthy value."""
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(
+            f"`{caller}` needs `{name}` to be True or False, got {value!r} of type "
+            f"{type(value).__name__}."
+        )
+
+
 def check_callable(fun: Any, name: str, caller: str) -> None:
     if not callable(fun):
         raise TypeError(

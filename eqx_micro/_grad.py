@@ -13,6 +13,7 @@ from ._arguments import (
     broadcast_axes,
     Caller,
     check_argnums,
+    check_bool,
     check_callable,
     check_key,
     check_positive_int,
@@ -302,6 +303,8 @@ def micro_grad(
         ```
     """
     check_callable(fun, "fun", "micro_grad")
+    check_bool(has_aux, "has_aux", "micro_grad")
+    check_bool(keep_batch_dim, "keep_batch_dim", "micro_grad")
     single_argnum = not isinstance(argnums, (tuple, list))
     argnums_t = check_argnums(argnums, "argnums", "micro_grad")
     batch_argnums_t = check_argnums(batch_argnums, "batch_argnums", "micro_grad")

@@ -10,6 +10,7 @@ from ._arguments import (
     as_tuple as as_tuple,
     Caller as Caller,
     check_argnums as check_argnums,
+    check_bool as check_bool,
     check_callable as check_callable,
     check_key as check_key,
     check_positive_int as check_positive_int,

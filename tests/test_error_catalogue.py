@@ -486,6 +486,35 @@ def dpsgd_config(**kwargs):
     return dp.DPSGDExecutionPlanConfig(**(settings | kwargs))
 
 
+case("config: float iterations", TypeError, "iterations")(
+    lambda: dpsgd_config(iterations=2.5)
+)
+case("config: accountant as a string", TypeError, "accountant")(
+    lambda: dpsgd_config(accountant="pld")
+)
+case("config: relation as a string", TypeError, "neighboring_relation")(
+    lambda: dpsgd_config(neighboring_relation="add")
+)
+case("compute_epsilon: not an event", TypeError, "event")(
+    lambda: dp.compute_epsilon(3, 1e-5)
+)
+case("compute_epsilon: relation as a string", TypeError, "neighboring_relation")(
+    lambda: dp.compute_epsilon(
+        dp.dpsgd_event(1.0, 3, sampling_prob=0.5), 1e-5, neighboring_relation="add"
+    )
+)
+case("GaussianNoise: string stddev", TypeError, "stddev")(
+    lambda: dp.GaussianNoise("1", key=0)
+)
+case("micro_grad: has_aux not a bool", TypeError, "has_aux")(
+    lambda: em.micro_grad(lambda w, x: jnp.sum(w * x), has_aux="yes")
+)
+case("clipped_grad: has_aux not a bool", TypeError, "has_aux")(
+    lambda: dp.clipped_grad(lambda w, x: jnp.sum(w * x), 1.0, has_aux="yes")
+)
+case("privacy_report: steps past the plan", ValueError, "steps")(
+    lambda: dp.DPTrainer(dpsgd_plan(iterations=3), optax.sgd(0.1)).privacy_report(10, 1e-5)
+)
 case("config: zero iterations", ValueError, "iterations")(
     lambda: dpsgd_config(iterations=0)
 )
@@ -677,6 +706,10 @@ case(
     )
 )
 case("fit: delta of 1", ValueError, "delta")(lambda: _fit(delta=1.0))
+case("fit: an int key", TypeError, "key")(lambda: _fit(key=0))
+case("fit: a callback that is not a function", TypeError, "callback")(
+    lambda: _fit(callback=3)
+)
 case("fit: a private plan without delta", ValueError, "delta")(lambda: _fit(delta=None))
 case("fit: a BandMF state in a DP-SGD trainer", TypeError, "state")(
     _fit_with_a_bandmf_state

@@ -64,6 +64,27 @@ def check_delta(delta: Any, name: str = "delta") -> None:
         )
 
 
+def check_relation(relation: Any, name: str = "neighboring_relation") -> None:
+    """A `dp.NeighboringRelation` member, not a string or anything else."""
+    if not isinstance(relation, NeighboringRelation):
+        names = [f"`dp.NeighboringRelation.{r.name}`" for r in NeighboringRelation]
+        members = ", ".join(names)
+        raise TypeError(f"`{name}` must be one of {members}; got {relation!r}.")
+
+
+def check_accountant(accountant: Any) -> None:
+    """A `dp.Accountant` member or a `dp_accounting.PrivacyAccountant` instance."""
+    if accountant in (Accountant.PLD, Accountant.RDP) or isinstance(
+        accountant, dp_accounting.PrivacyAccountant
+    ):
+        return
+    raise TypeError(
+        "`accountant` must be a `dp.Accountant` (`dp.Accountant.PLD` or "
+        "`dp.Accountant.RDP`) or a `dp_accounting.PrivacyAccountant`, got "
+        f"{accountant!r}."
+    )
+
+
 def _check(name: str, value: Real, low: Real, high: Real, closed_low: bool) -> None:
     ok = (value >= low if closed_low else value > low) and value <= high
     if not ok or math.isnan(value):
@@ -370,11 +391,8 @@ def _accountant(
                 "(the accountant's relation is the one it would use)."
             )
         return lambda: copy.deepcopy(accountant)
-    raise TypeError(
-        "`accountant` must be a `dp.Accountant` (`dp.Accountant.PLD` or "
-        "`dp.Accountant.RDP`) or a `dp_accounting.PrivacyAccountant`, got "
-        f"{accountant!r}."
-    )
+    check_accountant(accountant)
+    raise AssertionError("unreachable: check_accountant refuses everything else")
 
 
 def compute_epsilon(
@@ -410,7 +428,14 @@ def compute_epsilon(
         assert abs(rdp - 2.597) < 0.01
         ```
     """
+    if not isinstance(event, dp_accounting.DpEvent):
+        raise TypeError(
+            "`compute_epsilon` needs `event` to be a `dp_accounting.DpEvent` (e.g. from "
+            f"`dp.dpsgd_event`), got {event!r} of type {type(event).__name__}."
+        )
     check_delta(delta)
+    check_relation(neighboring_relation)
+    check_accountant(accountant)
     drawn = _with_replacement_epsilon(event, delta, accountant, neighboring_relation)
     if drawn is not None:
         return drawn
@@ -463,6 +488,7 @@ def calibrate_noise_multiplier(
             "must be a positive number (epsilon 0 would need infinite noise)."
         )
     check_delta(target_delta, "target_delta")
+    check_relation(neighboring_relation)
     fresh_accountant = _accountant(accountant, neighboring_relation)
     with _quiet():
         sigma = _search(

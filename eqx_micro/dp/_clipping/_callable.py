@@ -30,6 +30,7 @@ from ...internal import (
     call_microbatched,
     Caller,
     check_argnums,
+    check_bool,
     check_callable,
     check_key,
     check_positive_int,
@@ -331,6 +332,8 @@ def _example_loss(
     keep_batch_dim: bool,
 ) -> ExampleLoss:
     check_callable(fun, "fun", caller)
+    check_bool(has_aux, "has_aux", caller)
+    check_bool(keep_batch_dim, "keep_batch_dim", caller)
     argnums_t = check_argnums(argnums, "argnums", caller)
     batch_argnums_t = check_argnums(batch_argnums, "batch_argnums", caller)
     if not argnums_t or not batch_argnums_t:
@@ -744,6 +747,8 @@ def clipped_fun(
     """
     caller = "clipped_fun"
     check_callable(fun, "fun", caller)
+    check_bool(has_aux, "has_aux", caller)
+    check_bool(keep_batch_dim, "keep_batch_dim", caller)
     _clip_norm_values(l2_clip_norm, caller)
     batch_argnums_t = check_argnums(batch_argnums, "batch_argnums", caller)
     if not batch_argnums_t:

@@ -161,6 +161,13 @@ def key_from(key: PRNGKeyArray | int) -> PRNGKeyArray:
 
 
 def check_stddev(stddev: Any) -> Float[Array, ""]:
+    is_number = isinstance(stddev, int | float | np.number) and not isinstance(stddev, bool)
+    is_scalar_array = isinstance(stddev, jax.Array | np.ndarray) and np.ndim(stddev) == 0
+    if not (is_number or is_scalar_array):
+        raise TypeError(
+            f"`stddev` must be a number (or a scalar array), got {stddev!r} of type "
+            f"{type(stddev).__name__}."
+        )
     if not isinstance(stddev, jax.core.Tracer):
         value = float(np.asarray(stddev))
         if math.isnan(value) or math.isinf(value) or value < 0:

@@ -6,10 +6,13 @@ import secrets
 from typing import Any
 
 import dp_accounting
+import numpy as np
 
 from .._accounting import (
     calibrate_noise_multiplier,
+    check_accountant,
     check_delta,
+    check_relation,
     NeighboringRelation,
     Real,
 )
@@ -25,8 +28,18 @@ def _check_open_unit(name: str, value: Real, *, closed_high: bool) -> None:
 
 def check_config(config: Any) -> None:
     """The checks shared by every plan config."""
-    if isinstance(config.iterations, bool) or config.iterations < 1:
+    if not isinstance(config.iterations, int | np.integer) or isinstance(
+        config.iterations, bool
+    ):
+        raise TypeError(
+            f"`iterations` must be a positive int (the number of noisy updates), got "
+            f"{config.iterations!r} of type {type(config.iterations).__name__}."
+        )
+    if config.iterations < 1:
         raise ValueError(f"`iterations` must be a positive int, got {config.iterations}.")
+    check_accountant(config.accountant)
+    if config.neighboring_relation is not None:
+        check_relation(config.neighboring_relation)
     _check_open_unit("sampling_prob", config.sampling_prob, closed_high=True)
     if config.noise_multiplier is None and config.epsilon is None:
         raise ValueError(

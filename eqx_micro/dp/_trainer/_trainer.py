@@ -22,6 +22,7 @@ import optax
 from jaxtyping import Array, ArrayLike, Bool, Float, PRNGKeyArray, PyTree
 
 from ... import micro_grad
+from ...internal import check_key
 from .._accounting import check_delta, compute_epsilon, NeighboringRelation, Real
 from .._clipping._callable import BoundedSensitivityCallable
 from .._clipping._contract import ClippedGradAux
@@ -395,6 +396,7 @@ class DPTrainer(eqx.Module):
         # Only the computing part of the plan enters the compiled step: plans that
         # differ in their accounting (epsilon, noise multiplier) share its compilation.
         self._check_state(state)
+        check_key(key, "key", "DPTrainer.step")
         return _step(
             self.plan.release,
             self.optimizer,
@@ -435,6 +437,14 @@ class DPTrainer(eqx.Module):
             ```
         """
         check_delta(delta)
+        if isinstance(steps, bool) or not isinstance(steps, int | np.integer):
+            raise TypeError(f"`privacy_report` needs `steps` to be an int, got {steps!r}.")
+        if not 0 <= steps <= self.plan.iterations:
+            raise ValueError(
+                f"`privacy_report` got `steps={steps}`; it must be in [0, "
+                f"{self.plan.iterations}] (the plan's `iterations`): the plan's event "
+                "covers no more updates than that."
+            )
         event = self.plan.event_for_steps(steps)
         if steps == 0:
             epsilon = 0.0
@@ -542,6 +552,12 @@ class DPTrainer(eqx.Module):
             raise ValueError(
                 "`DPTrainer.fit` needs `delta` for a private plan: the run's epsilon is "
                 "reported at it, e.g. `delta=1e-5` (below 1 / the number of examples)."
+            )
+        check_key(key, "key", "DPTrainer.fit")
+        if callback is not None and not callable(callback):
+            raise TypeError(
+                "`DPTrainer.fit` needs `callback` to be a function "
+                f"`callback(state, metrics)`, got {callback!r}."
             )
         num_examples = _num_examples(data)
         if isinstance(model_or_state, TrainState):

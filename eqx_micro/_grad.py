@@ -305,6 +305,9 @@ def micro_grad(
     check_callable(fun, "fun", "micro_grad")
     check_bool(has_aux, "has_aux", "micro_grad")
     check_bool(keep_batch_dim, "keep_batch_dim", "micro_grad")
+    check_callable(transform_fn, "transform_fn", "micro_grad")
+    if metrics_fn is not None:
+        check_callable(metrics_fn, "metrics_fn", "micro_grad")
     single_argnum = not isinstance(argnums, (tuple, list))
     argnums_t = check_argnums(argnums, "argnums", "micro_grad")
     batch_argnums_t = check_argnums(batch_argnums, "batch_argnums", "micro_grad")

@@ -394,6 +394,29 @@ case("clipped_grad: a clip norm for a leaf with no gradient", ValueError, "l2_cl
         lambda p, x: jnp.mean((p["scale"] * p["w"] - x) ** 2), {"w": 1.0, "scale": 1.0}
     )({"w": jnp.array(2.0), "scale": 1.0}, jnp.ones((2, 1)))
 )
+case("clipped_grad: rescale_to_unit_norm not a bool", TypeError, "rescale_to_unit_norm")(
+    lambda: dp.clipped_grad(lambda w, x: jnp.sum(w * x), 1.0, rescale_to_unit_norm="y")
+)
+case("clipped_fun: nan_safe not a bool", TypeError, "nan_safe")(
+    lambda: dp.clipped_fun(jnp.sum, nan_safe="no")
+)
+case("ClipL2: rescale_to_unit_norm not a bool", TypeError, "rescale_to_unit_norm")(
+    lambda: dp.ClipL2(1.0, rescale_to_unit_norm="y")
+)
+case("micro_grad: transform_fn not callable", TypeError, "transform_fn")(
+    lambda: em.micro_grad(lambda w, x: jnp.sum(w * x), transform_fn=3)
+)
+case("FixedBatchSampling: replace not a bool", TypeError, "replace")(
+    lambda: dp.FixedBatchSampling(10, 2, replace="y")
+)
+case("gather_padded_batch: data without arrays", ValueError, "data")(
+    lambda: dp.gather_padded_batch([1, 2, 3], np.array([0, 1]))
+)
+case("non_private: zero batch size", ValueError, "batch_size")(
+    lambda: dp.DPTrainer.non_private(
+        lambda m, b, k: jnp.sum(m * b), optax.sgd(0.1), batch_size=0, iterations=3
+    )
+)
 case("ghost: method as a string", TypeError, "method")(
     lambda: dp.ghost_clipped_grad(loss, 1.0, method="ghost")
 )

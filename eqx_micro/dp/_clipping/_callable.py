@@ -398,6 +398,14 @@ def _build(
     key_argnum: int | None,
 ) -> BoundedSensitivityCallable:
     _clip_norm_values(l2_clip_norm, caller)
+    flags = dict(
+        rescale_to_unit_norm=rescale_to_unit_norm,
+        return_values=return_values,
+        return_grad_norms=return_grad_norms,
+        nan_safe=nan_safe,
+    )
+    for name, flag in flags.items():
+        check_bool(flag, name, caller)
     if pre_clipping_transform is not None:
         check_callable(pre_clipping_transform, "pre_clipping_transform", caller)
     if microbatch_size is not None:
@@ -750,6 +758,13 @@ def clipped_fun(
     check_bool(has_aux, "has_aux", caller)
     check_bool(keep_batch_dim, "keep_batch_dim", caller)
     _clip_norm_values(l2_clip_norm, caller)
+    flags = dict(
+        rescale_to_unit_norm=rescale_to_unit_norm,
+        return_norms=return_norms,
+        nan_safe=nan_safe,
+    )
+    for name, flag in flags.items():
+        check_bool(flag, name, caller)
     batch_argnums_t = check_argnums(batch_argnums, "batch_argnums", caller)
     if not batch_argnums_t:
         raise ValueError(f"`{caller}` needs at least one argument in `batch_argnums`.")

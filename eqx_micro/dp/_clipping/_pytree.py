@@ -212,6 +212,14 @@ class ClipL2(eqx.Module):
         rescale_to_unit_norm: bool = False,
         nan_safe: bool = True,
     ):
+        for name, flag in (
+            ("rescale_to_unit_norm", rescale_to_unit_norm),
+            ("nan_safe", nan_safe),
+        ):
+            if not isinstance(flag, bool):
+                raise TypeError(
+                    f"`ClipL2` needs `{name}` to be True or False, got {flag!r}."
+                )
         jtu.tree_map_with_path(
             lambda path, c: _check_static_clip_norm(jtu.keystr(path), c), l2_clip_norm
         )

@@ -167,6 +167,11 @@ class FixedBatchSampling(AbstractBatchSelectionStrategy):
     replace: bool = eqx.field(static=True, default=False)
 
     def __check_init__(self):
+        if not isinstance(self.replace, bool):
+            raise TypeError(
+                f"`FixedBatchSampling` needs `replace` to be True or False, got "
+                f"{self.replace!r}."
+            )
         check_int("FixedBatchSampling", "batch_size", self.batch_size, 0)
         check_int("FixedBatchSampling", "iterations", self.iterations, 0)
 

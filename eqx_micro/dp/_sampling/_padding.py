@@ -264,7 +264,13 @@ def gather_padded_batch(
     else:
         row_is_padding = is_padding
     leaves = [leaf for leaf in jtu.tree_leaves(data) if eqx.is_array(leaf)]
-    num_rows = np.shape(leaves[0])[0] if leaves and np.ndim(leaves[0]) else None
+    if not leaves:
+        raise ValueError(
+            f"`{caller}` needs `data` to hold arrays with the examples along axis 0 "
+            "(NumPy or JAX, e.g. `{'x': images, 'y': labels}`); it has no array leaf "
+            f"(a list of numbers is not an array: use `np.asarray`). Got {data!r:.80}."
+        )
+    num_rows = np.shape(leaves[0])[0] if np.ndim(leaves[0]) else None
     if indices.size and num_rows is not None:
         low, high = int(indices.min()), int(indices.max())
         if low < -1 or high >= num_rows:

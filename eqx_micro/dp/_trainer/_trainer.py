@@ -22,7 +22,7 @@ import optax
 from jaxtyping import Array, ArrayLike, Bool, Float, PRNGKeyArray, PyTree
 
 from ... import micro_grad
-from ...internal import check_key
+from ...internal import check_key, check_positive_int
 from .._accounting import check_delta, compute_epsilon, NeighboringRelation, Real
 from .._clipping._callable import BoundedSensitivityCallable
 from .._clipping._contract import ClippedGradAux
@@ -274,6 +274,7 @@ class DPTrainer(eqx.Module):
             assert np.allclose(model.weight, [[1.0, -1.0]], atol=0.05)
             ```
         """
+        check_positive_int(batch_size, "batch_size", "DPTrainer.non_private")
         grad_fn = micro_grad(
             loss_fn,
             has_aux,

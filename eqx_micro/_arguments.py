@@ -30,11 +30,13 @@ class Caller(NamedTuple):
     - `name`: e.g. `"micro_grad"`.
     - `mark`: how batched arguments are chosen there, e.g. "`batch_argnums`".
     - `unbatch`: how to say that an argument is not batched there.
+    - `pad`: how to mark padding there, once the batch is padded.
     """
 
     name: str
     mark: str
     unbatch: str
+    pad: str = "pass `is_padding_example`"
 
 
 def check_positive_int(value: Any, name: str, caller: str) -> int:

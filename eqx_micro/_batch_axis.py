@@ -19,21 +19,19 @@ from ._arguments import check_positive_int
 
 
 def num_microbatches_for(
-    batch_size: int, microbatch_size: int, where: str, caller: str
+    batch_size: int,
+    microbatch_size: int,
+    where: str,
+    caller: str,
+    pad: str = "pass `is_padding_example`",
 ) -> int:
-    """The number of microbatches, or a clear error if the batch does not split."""
+    """The number of microbatches, or a clear error if the batch does not split; `pad`
+    says how `caller` marks padding (`Caller.pad`)."""
     if batch_size % microbatch_size != 0:
-        # Only the core transforms take `num_real_microbatches`; the DP callables pad.
-        takes_count = caller in {"microbatch", "micro_vmap", "micro_grad"}
-        how = (
-            "pass `is_padding_example` (or `num_real_microbatches`)"
-            if takes_count
-            else "pass `is_padding_example` (`dp.pad_to_multiple_of` pads indices)"
-        )
         raise ValueError(
             f"`{caller}` got a batch of {batch_size} examples in `{where}`, not "
             f"divisible by `microbatch_size={microbatch_size}`. Pad the batch to a "
-            f"multiple of {microbatch_size} and {how}, or pick a `microbatch_size` "
+            f"multiple of {microbatch_size} and {pad}, or pick a `microbatch_size` "
             f"that divides {batch_size}."
         )
     return batch_size // microbatch_size

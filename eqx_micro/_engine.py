@@ -159,7 +159,9 @@ def _split_inputs(
         )
     if microbatch_size is None:  # One microbatch of the whole batch.
         microbatch_size = max(batch_size, 1)
-    num_microbatches = num_microbatches_for(batch_size, microbatch_size, where, caller.name)
+    num_microbatches = num_microbatches_for(
+        batch_size, microbatch_size, where, caller.name, caller.pad
+    )
     axes = treedef.unflatten(normalized)
 
     def split(axis, leaf):

@@ -27,7 +27,12 @@ from ._arguments import (
 from ._engine import AbstractTransformed, Accumulators, call_vmapped, flat_accumulators
 
 
-_MICRO_GRAD = Caller("micro_grad", "`batch_argnums`", "leave it out of `batch_argnums`")
+_MICRO_GRAD = Caller(
+    "micro_grad",
+    "`batch_argnums`",
+    "leave it out of `batch_argnums`",
+    "pass `is_padding_example` (or `num_real_microbatches`)",
+)
 
 
 class PerExample(eqx.Module):

@@ -37,10 +37,14 @@ from ._engine import (
 )
 
 
+_PAD_OR_COUNT = "pass `is_padding_example` (or `num_real_microbatches`)"
 _MICROBATCH = Caller(
-    "microbatch", "`argnums`/`argnames`", "leave it out of `argnums` and `argnames`"
+    "microbatch",
+    "`argnums`/`argnames`",
+    "leave it out of `argnums` and `argnames`",
+    _PAD_OR_COUNT,
 )
-_MICRO_VMAP = Caller("micro_vmap", "`in_axes`", "give it `in_axes=None`")
+_MICRO_VMAP = Caller("micro_vmap", "`in_axes`", "give it `in_axes=None`", _PAD_OR_COUNT)
 
 
 class _Microbatched(AbstractTransformed):

@@ -1,4 +1,10 @@
-"""Shared test helpers: tolerant tree comparison and a zoo of functions and batches."""
+"""Shared test helpers: tolerant tree comparison, a zoo of functions and batches, and
+programs run on several host devices."""
+
+import os
+import pathlib
+import subprocess
+import sys
 
 import equinox as eqx
 import jax
@@ -80,3 +86,22 @@ def mixed_fun(batch):
         "tag": batch["tag"] + "!",
         "nothing": None,
     }
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_on_host_devices(
+    args: list[str], devices: int, timeout: int
+) -> subprocess.CompletedProcess:
+    """`python *args` from the repository root in a fresh process with `devices` host
+    CPU devices (JAX fixes its device count when it starts)."""
+    flags = f"--xla_force_host_platform_device_count={devices}"
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env=dict(os.environ, XLA_FLAGS=flags),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -2,16 +2,14 @@
 in one fresh process with 4 host CPU devices, as the sharding page needs); blocks that
 include an example script by snippet are run by `test_examples.py` instead."""
 
-import os
 import pathlib
 import re
-import subprocess
-import sys
 
 import pytest
 
+from .helpers import ROOT, run_on_host_devices
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+
 PAGES = [
     path
     for path in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -30,15 +28,7 @@ def test_code_blocks_run(page):
     if not blocks:
         pytest.skip("only snippets of example scripts")
     program = "\n\n".join(blocks)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    result = subprocess.run(
-        [sys.executable, "-c", program],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_on_host_devices(["-c", program], 4, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
 

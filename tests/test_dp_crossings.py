@@ -2,17 +2,11 @@
 trained parameters and epsilon for the same seeds (see `dp_crossings.py`)."""
 
 import functools
-import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
 
 from . import dp_crossings
-
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from .helpers import run_on_host_devices
 
 
 @functools.cache
@@ -28,14 +22,6 @@ def test_same_training_on_one_device(variant):
 @pytest.mark.multidevice
 @pytest.mark.parametrize("route", ["vmap", "BOOK_KEEPING", "GHOST"])
 def test_same_training_on_eight_host_devices(route):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.dp_crossings", route],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    result = run_on_host_devices(["-m", "tests.dp_crossings", route], 8, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "dp crossings passed on 8 devices" in result.stdout

@@ -212,7 +212,12 @@ class BoundedSensitivityCallable(AbstractBoundedSensitivityCallable):
             accumulators,
             is_padding_example=is_padding_example,
             param_names=positional_names(signature_of(self.loss.fun)),
-            caller=Caller(caller, "`batch_argnums`", "leave it out of `batch_argnums`"),
+            caller=Caller(
+                caller,
+                "`batch_argnums`",
+                "leave it out of `batch_argnums`",
+                "pass `is_padding_example` (`dp.pad_to_multiple_of` pads indices)",
+            ),
         )
         sums = MicrobatchSums(*sums)
         _check_clip_groups(self.clip.l2_clip_norm, sums.clipped_sum, caller)
@@ -330,16 +335,23 @@ def _example_loss(
     key_argnum: int | None,
     has_aux: bool,
     keep_batch_dim: bool,
+    differentiate: bool,
 ) -> ExampleLoss:
+    """The loss (or, with `differentiate=False`, the function whose outputs are
+    clipped), its argument numbers checked against its signature."""
     check_callable(fun, "fun", caller)
     check_bool(has_aux, "has_aux", caller)
     check_bool(keep_batch_dim, "keep_batch_dim", caller)
     argnums_t = check_argnums(argnums, "argnums", caller)
     batch_argnums_t = check_argnums(batch_argnums, "batch_argnums", caller)
-    if not argnums_t or not batch_argnums_t:
+    if differentiate and not argnums_t:
         raise ValueError(
-            f"`{caller}` needs at least one argument in `argnums` and one in "
-            "`batch_argnums`."
+            f"`{caller}` needs at least one argument in `argnums` (the parameters to "
+            "differentiate)."
+        )
+    if not batch_argnums_t:
+        raise ValueError(
+            f"`{caller}` needs at least one argument in `batch_argnums` (the batch)."
         )
     overlap = set(argnums_t) & set(batch_argnums_t)
     if overlap:
@@ -384,6 +396,7 @@ def _build(
     l2_clip_norm: Any,
     *,
     argnums: int | Sequence[int],
+    differentiate: bool,
     has_aux: bool,
     batch_argnums: int | Sequence[int],
     keep_batch_dim: bool,
@@ -421,7 +434,14 @@ def _build(
     )
     strategy.check(clip, caller)
     loss = _example_loss(
-        caller, fun, argnums, batch_argnums, key_argnum, has_aux, keep_batch_dim
+        caller,
+        fun,
+        argnums,
+        batch_argnums,
+        key_argnum,
+        has_aux,
+        keep_batch_dim,
+        differentiate,
     )
     return BoundedSensitivityCallable(
         loss=loss,
@@ -534,6 +554,7 @@ def clipped_grad(
         fun,
         l2_clip_norm,
         argnums=argnums,
+        differentiate=True,
         has_aux=has_aux,
         batch_argnums=batch_argnums,
         keep_batch_dim=keep_batch_dim,
@@ -657,6 +678,7 @@ def ghost_clipped_grad(
         fun,
         l2_clip_norm,
         argnums=argnums,
+        differentiate=True,
         has_aux=has_aux,
         batch_argnums=batch_argnums,
         keep_batch_dim=keep_batch_dim,
@@ -753,53 +775,24 @@ def clipped_fun(
         assert clipped_sum.sensitivity() == 1.0
         ```
     """
-    caller = "clipped_fun"
-    check_callable(fun, "fun", caller)
-    check_bool(has_aux, "has_aux", caller)
-    check_bool(keep_batch_dim, "keep_batch_dim", caller)
-    _clip_norm_values(l2_clip_norm, caller)
-    flags = dict(
+    check_bool(return_norms, "return_norms", "clipped_fun")
+    return _build(
+        "clipped_fun",
+        PerExampleOutputs(),
+        fun,
+        l2_clip_norm,
+        argnums=(),
+        differentiate=False,
+        has_aux=has_aux,
+        batch_argnums=batch_argnums,
+        keep_batch_dim=keep_batch_dim,
+        microbatch_size=microbatch_size,
+        normalize_by=normalize_by,
         rescale_to_unit_norm=rescale_to_unit_norm,
-        return_norms=return_norms,
-        nan_safe=nan_safe,
-    )
-    for name, flag in flags.items():
-        check_bool(flag, name, caller)
-    batch_argnums_t = check_argnums(batch_argnums, "batch_argnums", caller)
-    if not batch_argnums_t:
-        raise ValueError(f"`{caller}` needs at least one argument in `batch_argnums`.")
-    if key_argnum is not None:
-        (key_argnum,) = check_argnums(key_argnum, "key_argnum", caller)
-        if key_argnum in batch_argnums_t:
-            raise ValueError(
-                f"`{caller}` got `key_argnum={key_argnum}`, which is also in "
-                "`batch_argnums`; the key must be its own argument."
-            )
-    if microbatch_size is not None:
-        microbatch_size = check_positive_int(microbatch_size, "microbatch_size", caller)
-    clip = ClipSettings(
-        l2_clip_norm=l2_clip_norm,
-        pre_clipping_transform=None,
-        rescale_to_unit_norm=rescale_to_unit_norm,
-        nan_safe=nan_safe,
-        dtype=dtype,
         return_values=False,
         return_grad_norms=return_norms,
-    )
-    loss = ExampleLoss(
-        fun=fun,
-        argnums=(),
-        single_argnum=False,
-        batch_argnums=batch_argnums_t,
+        nan_safe=nan_safe,
+        pre_clipping_transform=None,
+        dtype=dtype,
         key_argnum=key_argnum,
-        has_aux=has_aux,
-        keep_batch_dim=keep_batch_dim,
-        caller=caller,
-    )
-    return BoundedSensitivityCallable(
-        loss=loss,
-        clip=clip,
-        strategy=PerExampleOutputs(),
-        normalize_by=_normalize_by(normalize_by, caller),
-        microbatch_size=microbatch_size,
     )

@@ -69,7 +69,7 @@ class NoisyRelease(eqx.Module):
         noise = self.noise_addition_transform
         if not isinstance(noise_state, noise.state_type):
             noise.check_state(noise_state, None)  # names the kinds
-        self._check_budget(noise_state.count)
+        check_budget(noise_state.count, self.iterations)
         clipped, aux = self.clipped_aggregation_fn(
             *args, is_padding_example=is_padding_example, **kwargs
         )
@@ -82,14 +82,14 @@ class NoisyRelease(eqx.Module):
         noisy, noise_state = self.noise_addition_transform.update(clipped, noise_state)
         return noisy, noise_state, aux
 
-    def _check_budget(self, count: Any) -> None:
-        """Refuses, before anything runs, a release past the budget when it is known."""
-        if isinstance(count, jax.core.Tracer) or isinstance(
-            self.iterations, jax.core.Tracer
-        ):
-            return
-        if int(count) >= int(self.iterations):
-            raise ValueError(_USED_UP.format(iterations=int(self.iterations)))
+
+def check_budget(count: Any, iterations: Any) -> None:
+    """Refuses, before anything runs, a release past the budget when it is known (a
+    traced count is checked at run time, by `NoisyRelease`'s `eqx.error_if`)."""
+    if isinstance(count, jax.core.Tracer) or isinstance(iterations, jax.core.Tracer):
+        return
+    if int(count) >= int(iterations):
+        raise ValueError(_USED_UP.format(iterations=int(iterations)))
 
 
 _USED_UP = (

@@ -14,7 +14,6 @@ from typing import Any
 import dp_accounting
 import equinox as eqx
 import jax
-import jax.core
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
@@ -26,7 +25,7 @@ from ...internal import check_key, check_positive_int
 from .._accounting import check_delta, compute_epsilon, NeighboringRelation, Real
 from .._clipping._callable import BoundedSensitivityCallable
 from .._clipping._contract import ClippedGradAux
-from .._plan._plan import DPExecutionPlan, NoisyRelease
+from .._plan._plan import check_budget, DPExecutionPlan, NoisyRelease
 from .._sampling._base import AbstractBatchSelectionStrategy, RngLike
 from .._sampling._fixed import FixedBatchSampling
 from .._sampling._padding import gather_padded_batch, pad_to_multiple_of
@@ -304,15 +303,8 @@ class DPTrainer(eqx.Module):
                 "`DPTrainer.step` needs `state` to be a `dp.TrainState` (from "
                 f"`trainer.init(model)`), got {type(state).__name__}."
             )
-        # The budget, before the compiled step (whose check can only fail at run time);
-        # under the caller's own `jax.jit` the count is traced and that check remains.
-        count = state.noise_state.count
-        if not isinstance(count, jax.core.Tracer) and int(count) >= self.plan.iterations:
-            raise ValueError(
-                f"`DPTrainer.step`: the plan's privacy event covers "
-                f"{self.plan.iterations} iterations and this state has made them all; "
-                "make a new plan (and account for both) to train longer."
-            )
+        # The budget, before the compiled step (whose check can only fail at run time).
+        check_budget(state.noise_state.count, self.plan.iterations)
 
     def init(self, model: PyTree) -> TrainState:
         """The state before the first step.

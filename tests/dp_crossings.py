@@ -2,9 +2,10 @@
 
 {`clipped_grad`, `ghost_clipped_grad` with each `GhostMethod`} x {no microbatching,
 microbatches of 8} x {batches padded to 16 rows, to 32 rows} x {a hand-written loop over
-`plan.noisy_grad`, `DPTrainer.fit`, `fit` interrupted, checkpointed and resumed}: the
-same seeds must give the same trained parameters (to float tolerance) and the same
-reported epsilon. `test_dp_crossings.py` runs it in one process, and in a subprocess with
+`plan.noisy_grad`, `DPTrainer.fit`, `fit` interrupted, checkpointed and resumed}, with a
+fixed clip norm; and the same with automatic clipping and with quantile-adaptive
+clipping (batches padded to 32): the same seeds must give the same trained parameters
+(to float tolerance) and the same reported epsilon as the clipping kind's reference. `test_dp_crossings.py` runs it in one process, and in a subprocess with
 8 host CPU devices, where the data and batches are sharded over the devices:
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.dp_crossings
@@ -39,6 +40,7 @@ class Variant(NamedTuple):
     microbatch_size: int | None
     padded: bool  # pad every batch to 32 rows (mostly padding), else to 16
     entry: str  # "noisy_grad", "fit" or "resume"
+    clipping: str = "fixed"  # "fixed", "automatic" or "adaptive"
 
     def __str__(self) -> str:
         return "-".join(map(str, self))
@@ -53,7 +55,17 @@ VARIANTS = [
         ("noisy_grad", "fit", "resume"),
     )
 ]
-REFERENCE = Variant("vmap", None, False, "noisy_grad")
+VARIANTS += [
+    Variant(route, microbatch_size, True, entry, clipping)
+    for clipping, route, microbatch_size, entry in itertools.product(
+        ("automatic", "adaptive"),
+        ("vmap", "BOOK_KEEPING", "GHOST"),
+        (None, 8),
+        ("noisy_grad", "fit", "resume"),
+    )
+]
+CLIPPINGS = ("fixed", "automatic", "adaptive")
+REFERENCES = {c: Variant("vmap", None, False, "noisy_grad", c) for c in CLIPPINGS}
 
 
 def make_data() -> dict[str, np.ndarray]:
@@ -79,7 +91,17 @@ def loss(model: Any, batch: dict, key: Any) -> jax.Array:
 
 
 def make_plan(variant: Variant) -> dp.DPExecutionPlan:
-    options = dict(microbatch_size=variant.microbatch_size, key_argnum=2)
+    options: dict[str, Any] = dict(microbatch_size=variant.microbatch_size, key_argnum=2)
+    adaptive = None
+    if variant.clipping == "automatic":
+        options["clipping_fn"] = dp.AutomaticClipping(0.01)
+    elif variant.clipping == "adaptive":
+        adaptive = dp.QuantileAdaptiveClipping(
+            expected_batch_size=SAMPLING_PROB * NUM_EXAMPLES,
+            target_unclipped_quantile=0.3,
+            learning_rate=0.5,
+            count_stddev=2.0,
+        )
     if variant.route == "vmap":
         grad_fn = dp.clipped_grad(loss, 0.5, **options)
     else:
@@ -92,6 +114,7 @@ def make_plan(variant: Variant) -> dp.DPExecutionPlan:
         # RDP at integer orders: fast to account, and no convergence warnings.
         accountant=dp_accounting.rdp.RdpAccountant(orders=list(range(2, 65))),
         noise_seed=4,
+        adaptive_clipping=adaptive,
     ).make(grad_fn)
 
 
@@ -125,15 +148,27 @@ def train_by_hand(variant: Variant, mesh: Any) -> tuple[Any, float]:
     key = jax.random.key(9)
     normalize_by = SAMPLING_PROB * NUM_EXAMPLES
 
+    # Adaptive plans carry a clip state beside the noise state.
+    adaptive = plan.adaptive_clipping
+    assert isinstance(plan.clipped_aggregation_fn, dp.BoundedSensitivityCallable)
+    clip_norm = plan.clipped_aggregation_fn.l2_clip_norm
+    clip_state = None if adaptive is None else adaptive.init(clip_norm)
+
     @eqx.filter_jit
-    def step(model, opt_state, noise_state, batch, is_padding, key):
-        grads, noise_state, _ = plan.noisy_grad(
-            noise_state, model, batch, key, is_padding_example=is_padding
-        )
+    def step(model, opt_state, states, batch, is_padding, key):
+        noise_state, clip_state = states
+        if clip_state is None:
+            grads, noise_state, _ = plan.noisy_grad(
+                noise_state, model, batch, key, is_padding_example=is_padding
+            )
+        else:
+            grads, noise_state, clip_state, _ = plan.adaptive_noisy_grad(
+                noise_state, clip_state, model, batch, key, is_padding_example=is_padding
+            )
         grads = jtu.tree_map(lambda g: g / normalize_by, grads)
         params = eqx.filter(model, eqx.is_inexact_array)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return eqx.apply_updates(model, updates), opt_state, noise_state
+        return eqx.apply_updates(model, updates), opt_state, (noise_state, clip_state)
 
     batches = plan.batch_selection_strategy.batch_iterator(NUM_EXAMPLES, rng=2)
     for t, indices in enumerate(batches):
@@ -142,8 +177,13 @@ def train_by_hand(variant: Variant, mesh: Any) -> tuple[Any, float]:
         )
         batch, is_padding = dp.gather_padded_batch(data, indices)
         batch, is_padding = _sharded((batch, jnp.asarray(is_padding)), mesh)
-        model, opt_state, noise_state = step(
-            model, opt_state, noise_state, batch, is_padding, jax.random.fold_in(key, t)
+        model, opt_state, (noise_state, clip_state) = step(
+            model,
+            opt_state,
+            (noise_state, clip_state),
+            batch,
+            is_padding,
+            jax.random.fold_in(key, t),
         )
     report = dp.DPTrainer(plan, optimizer).privacy_report(ITERATIONS, DELTA)
     return model, report.epsilon
@@ -211,7 +251,8 @@ if __name__ == "__main__":
     routes = sys.argv[1:] or ["vmap", "BOOK_KEEPING", "GHOST"]
     variants = [v for v in VARIANTS if v.route in routes]
     with jax.default_device(jax.devices()[0]):
-        reference = train(REFERENCE)  # one device's result, for every 8-device variant
+        # One device's results, for every 8-device variant.
+        references = {c: train(v) for c, v in REFERENCES.items()}
     for variant in variants:
-        assert_same_training(train(variant, mesh), reference, variant)
+        assert_same_training(train(variant, mesh), references[variant.clipping], variant)
     print(f"dp crossings passed on 8 devices: {len(variants)} variants")

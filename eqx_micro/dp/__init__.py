@@ -11,12 +11,21 @@ from ._accounting import (
     truncated_amplified_bandmf_event as truncated_amplified_bandmf_event,
     truncated_dpsgd_event as truncated_dpsgd_event,
 )
+from ._clipping._adaptive import (
+    AdaptiveClipState as AdaptiveClipState,
+    QuantileAdaptiveClipping as QuantileAdaptiveClipping,
+)
 from ._clipping._callable import (
     BoundedSensitivityCallable as BoundedSensitivityCallable,
     clipped_fun as clipped_fun,
     clipped_grad as clipped_grad,
     ghost_clipped_grad as ghost_clipped_grad,
     GhostClippedGrad as GhostClippedGrad,
+)
+from ._clipping._clipping_fn import (
+    AbadiClipping as AbadiClipping,
+    AbstractClippingFn as AbstractClippingFn,
+    AutomaticClipping as AutomaticClipping,
 )
 from ._clipping._contract import (
     AbstractBoundedSensitivityCallable as AbstractBoundedSensitivityCallable,

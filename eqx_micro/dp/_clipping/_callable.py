@@ -13,6 +13,7 @@ norm, `normalize_by` or `rescale_to_unit_norm` can never leave the noise miscali
 Clip norms and `normalize_by` are array fields, so changing them does not recompile.
 """
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -43,6 +44,7 @@ from ...internal import (
     validate_padding_mask,
 )
 from .._ghost._strategy import GhostClipping, GhostFallback, GhostMethod
+from ._clipping_fn import AbadiClipping, AbstractClippingFn, check_clipping_fn
 from ._contract import AbstractBoundedSensitivityCallable, ClippedGradAux, PrivacyUnit
 from ._per_example import PerExampleGradients, PerExampleOutputs
 from ._pytree import ClipNorm
@@ -117,11 +119,72 @@ class BoundedSensitivityCallable(AbstractBoundedSensitivityCallable):
                 "The sensitivity of a clipped aggregation needs concrete clip norms and "
                 "`normalize_by`; read it outside `jax.jit` (plans do, when made)."
             )
+        return float(self.clip_bound()) / float(self.normalize_by)
+
+    def clip_bound(self) -> Float[Array, ""]:
+        """The bound before `normalize_by`, as a float32 array (traceable, unlike
+        `l2_norm_bound`): `sqrt(sum of squared clip norms)`, or `sqrt(number of clip
+        norms)` with `rescale_to_unit_norm`.
+
+        !!! example
+
+            ```python
+            import jax.numpy as jnp
+            import eqx_micro.dp as dp
+
+            loss = lambda p, x: jnp.sum(p["a"] * x) + jnp.sum(p["b"] * x)
+            grad_fn = dp.clipped_grad(loss, {"a": 3.0, "b": 4.0})
+            assert grad_fn.clip_bound() == 5.0
+            ```
+        """
+        clips = jtu.tree_leaves(self.clip.l2_clip_norm)
         if self.clip.rescale_to_unit_norm:
-            total = float(len(clips))
-        else:
-            total = sum(float(c) ** 2 for c in clips)
-        return math.sqrt(total) / float(self.normalize_by)
+            return jnp.sqrt(jnp.float32(len(clips)))
+        return jnp.sqrt(sum((jnp.square(c) for c in clips), jnp.float32(0)))
+
+    def with_l2_clip_norm(
+        self, l2_clip_norm: PyTree[Float[ArrayLike, ""]]
+    ) -> "BoundedSensitivityCallable":
+        """This callable with other clip norms, of the same structure (traced ones
+        too: adaptive clipping sets them inside a compiled step).
+
+        !!! example
+
+            ```python
+            import jax.numpy as jnp
+            import eqx_micro.dp as dp
+
+            grad_fn = dp.clipped_grad(lambda w, x: jnp.sum(w * x), 1.0)
+            assert grad_fn.with_l2_clip_norm(2.0).sensitivity() == 2.0
+            ```
+        """
+        treedef = jtu.tree_structure(self.clip.l2_clip_norm)
+        try:
+            leaves = treedef.flatten_up_to(l2_clip_norm)
+        except (ValueError, TypeError):
+            raise ValueError(
+                "`with_l2_clip_norm` needs clip norms shaped like the callable's "
+                f"`l2_clip_norm` ({treedef}), got {l2_clip_norm!r}."
+            ) from None
+        clips = treedef.unflatten([jnp.asarray(c, jnp.float32) for c in leaves])
+        return eqx.tree_at(lambda f: f.clip.l2_clip_norm, self, clips)
+
+    def with_grad_norms(self) -> "BoundedSensitivityCallable":
+        """This callable, returning each example's gradient norms in its aux.
+
+        !!! example
+
+            ```python
+            import jax.numpy as jnp
+            import eqx_micro.dp as dp
+
+            grad_fn = dp.clipped_grad(lambda w, x: jnp.sum(w * x), 1.0)
+            _, aux = grad_fn.with_grad_norms()(jnp.zeros(2), jnp.ones((3, 2)))
+            assert aux.grad_norms.shape == (3,)
+            ```
+        """
+        clip = dataclasses.replace(self.clip, return_grad_norms=True)
+        return dataclasses.replace(self, clip=clip)
 
     @property
     def privacy_unit(self) -> PrivacyUnit:
@@ -409,8 +472,10 @@ def _build(
     pre_clipping_transform: Callable | None,
     dtype: DType,
     key_argnum: int | None,
+    clipping_fn: AbstractClippingFn,
 ) -> BoundedSensitivityCallable:
     _clip_norm_values(l2_clip_norm, caller)
+    check_clipping_fn(clipping_fn, caller)
     flags = dict(
         rescale_to_unit_norm=rescale_to_unit_norm,
         return_values=return_values,
@@ -428,6 +493,7 @@ def _build(
         pre_clipping_transform=pre_clipping_transform,
         rescale_to_unit_norm=rescale_to_unit_norm,
         nan_safe=nan_safe,
+        clipping_fn=clipping_fn,
         dtype=dtype,
         return_values=return_values,
         return_grad_norms=return_grad_norms,
@@ -469,6 +535,7 @@ def clipped_grad(
     pre_clipping_transform: Callable | None = None,
     dtype: DType = None,
     key_argnum: int | None = None,
+    clipping_fn: AbstractClippingFn = AbadiClipping(),
 ) -> BoundedSensitivityCallable:
     """The sum over a batch of clipped per-example gradients: the core of DP-SGD.
 
@@ -521,6 +588,10 @@ def clipped_grad(
         carried and returned in it (e.g. `jnp.float32` for a bfloat16 model).
     - `key_argnum`: position of a PRNG key argument; each example gets
         `jax.random.fold_in(key, example_index)` (e.g. for dropout).
+    - `clipping_fn`: how each norm becomes a scale: hard clipping
+        ([`dp.AbadiClipping`][eqx_micro.dp.AbadiClipping], the default) or automatic
+        clipping ([`dp.AutomaticClipping`][eqx_micro.dp.AutomaticClipping]); the
+        sensitivity is the same.
 
     **Returns:**
 
@@ -567,6 +638,7 @@ def clipped_grad(
         pre_clipping_transform=pre_clipping_transform,
         dtype=dtype,
         key_argnum=key_argnum,
+        clipping_fn=clipping_fn,
     )
 
 
@@ -587,6 +659,7 @@ def ghost_clipped_grad(
     pre_clipping_transform: Callable | None = None,
     dtype: DType = None,
     key_argnum: int | None = None,
+    clipping_fn: AbstractClippingFn = AbadiClipping(),
     method: GhostMethod = GhostMethod.BOOK_KEEPING,
     fallback: GhostFallback = GhostFallback.PER_EXAMPLE,
 ) -> BoundedSensitivityCallable:
@@ -616,8 +689,8 @@ def ghost_clipped_grad(
     - `fun`, `l2_clip_norm`, `argnums`, `has_aux`, `batch_argnums`, `keep_batch_dim`,
         `microbatch_size`, `normalize_by`, `rescale_to_unit_norm`, `return_values`,
         `return_grad_norms`, `nan_safe`, `pre_clipping_transform`, `dtype`,
-        `key_argnum`: as for `dp.clipped_grad`. Norms are computed in float32 whatever
-        the parameters' dtype.
+        `key_argnum`, `clipping_fn`: as for `dp.clipped_grad`. Norms are computed in
+        float32 whatever the parameters' dtype.
     - `method`: a [`dp.GhostMethod`][eqx_micro.dp.GhostMethod]: how the clipped sum is
         formed once the norms are known.
     - `fallback`: a [`dp.GhostFallback`][eqx_micro.dp.GhostFallback], for parameters
@@ -691,6 +764,7 @@ def ghost_clipped_grad(
         pre_clipping_transform=pre_clipping_transform,
         dtype=dtype,
         key_argnum=key_argnum,
+        clipping_fn=clipping_fn,
     )
 
 
@@ -731,6 +805,7 @@ def clipped_fun(
     nan_safe: bool = True,
     dtype: DType = None,
     key_argnum: int | None = None,
+    clipping_fn: AbstractClippingFn = AbadiClipping(),
 ) -> BoundedSensitivityCallable:
     """The sum over a batch of a function's per-example outputs, each clipped to an L2
     norm: DP sums, means and statistics with a known sensitivity.
@@ -750,7 +825,7 @@ def clipped_fun(
     - `has_aux`: whether `fun` returns `(output, aux)`; aux is returned per example.
     - `batch_argnums`: the batched argument(s); the others reach every example whole.
     - `keep_batch_dim`, `microbatch_size`, `normalize_by`, `rescale_to_unit_norm`,
-        `nan_safe`, `dtype`, `key_argnum`: as for `dp.clipped_grad`.
+        `nan_safe`, `dtype`, `key_argnum`, `clipping_fn`: as for `dp.clipped_grad`.
     - `l2_clip_norm`: a finite non-negative number, or a PyTree prefix of the output.
     - `return_norms`: return each example's output norm (before clipping) in
         `aux.grad_norms`.
@@ -795,4 +870,5 @@ def clipped_fun(
         pre_clipping_transform=None,
         dtype=dtype,
         key_argnum=key_argnum,
+        clipping_fn=clipping_fn,
     )

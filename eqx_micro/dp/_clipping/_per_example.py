@@ -83,7 +83,9 @@ class _AbstractPerExample(AbstractClippingStrategy):
             grads = jtu.tree_map(
                 lambda g: g.astype(clip.dtype) if eqx.is_inexact_array(g) else g, grads
             )
-        scales, norms = clip_scales(grads, clip.l2_clip_norm, clip.rescale_to_unit_norm)
+        scales, norms = clip_scales(
+            grads, clip.l2_clip_norm, clip.rescale_to_unit_norm, clip.clipping_fn
+        )
         norms = jtu.tree_leaves(norms)
         finite = jnp.all(jnp.stack([jnp.isfinite(n) for n in norms]))
         # The whole example goes, not just its non-finite entries: a partial gradient

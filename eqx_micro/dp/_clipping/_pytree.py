@@ -11,6 +11,8 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, PyTree
 
+from ._clipping_fn import AbadiClipping, AbstractClippingFn, check_clipping_fn
+
 
 # A clip norm: a Python number or a scalar array (traced clip norms are allowed).
 ClipNorm = int | float | Float[ArrayLike, ""]
@@ -52,13 +54,15 @@ def _finite_or_zero(x: Any) -> Any:
     return x
 
 
-def clip_scale(norm: Any, clip: Any, rescale_to_unit_norm: bool) -> Any:
+def clip_scale(
+    norm: Any,
+    clip: Any,
+    rescale_to_unit_norm: bool,
+    clipping_fn: AbstractClippingFn,
+) -> Any:
     """The factor `clip_pytree` scales a tree of L2 norm `norm` by (float32)."""
     clip = jnp.asarray(clip, jnp.float32)
-    scale = jnp.minimum(1.0, clip / norm)  # norm 0: clip / 0 = inf, so scale 1.
-    if rescale_to_unit_norm:
-        # Unit sensitivity: divide by the clip norm; with clip 0, normalize instead.
-        scale = jnp.where(clip > 0, scale / clip, 1.0 / norm)
+    scale = clipping_fn.scale(norm, clip, rescale_to_unit_norm)
     # NaN (0/0, inf/inf) and inf scales become 0: the result is then zeros, never NaN
     # or inf unless the input itself is not finite.
     return jnp.nan_to_num(scale, nan=0.0, posinf=0.0, neginf=0.0)
@@ -71,6 +75,7 @@ def clip_pytree(
     rescale_to_unit_norm: bool = False,
     nan_safe: bool = True,
     return_zero: bool | Bool[ArrayLike, ""] = False,
+    clipping_fn: AbstractClippingFn = AbadiClipping(),
 ) -> tuple[PyTree, PyTree[Float[Array, ""]]]:
     """Clips a PyTree to an L2 norm, globally or per layer.
 
@@ -95,6 +100,9 @@ def clip_pytree(
     - `return_zero`: return zeros instead (a bool, or a bool scalar array, e.g. whether
         this example is padding), with the input's norm; as in jax_privacy, the
         computation is the same either way, so it does not reveal which it was.
+    - `clipping_fn`: how a norm becomes a scale: hard clipping
+        ([`dp.AbadiClipping`][eqx_micro.dp.AbadiClipping], the default) or
+        [`dp.AutomaticClipping`][eqx_micro.dp.AutomaticClipping].
 
     **Returns:**
 
@@ -118,9 +126,10 @@ def clip_pytree(
     """
     if not isinstance(nan_safe, bool):
         raise TypeError(f"`clip_pytree` needs `nan_safe` to be a bool, got {nan_safe!r}.")
+    check_clipping_fn(clipping_fn, "clip_pytree")
     if nan_safe:
         tree = jtu.tree_map(_finite_or_zero, tree)
-    scales, norms = clip_scales(tree, l2_clip_norm, rescale_to_unit_norm)
+    scales, norms = clip_scales(tree, l2_clip_norm, rescale_to_unit_norm, clipping_fn)
     zero = jnp.asarray(return_zero)
     if zero.dtype != jnp.bool_ or zero.ndim != 0:
         raise TypeError(
@@ -138,7 +147,10 @@ def clip_pytree(
 
 
 def clip_scales(
-    tree: PyTree, l2_clip_norm: PyTree[ClipNorm], rescale_to_unit_norm: bool
+    tree: PyTree,
+    l2_clip_norm: PyTree[ClipNorm],
+    rescale_to_unit_norm: bool,
+    clipping_fn: AbstractClippingFn,
 ) -> tuple[PyTree, PyTree[Float[Array, ""]]]:
     """`(scales, norms)` of `clip_pytree`: `scales` is shaped like `tree`, one float32
     scalar per leaf (the scale of the subtree it belongs to); `norms` is shaped like
@@ -150,7 +162,7 @@ def clip_scales(
 
     def subtree_scale(clip, subtree):
         norm = _global_norm(subtree)
-        scale = clip_scale(norm, clip, rescale_to_unit_norm)
+        scale = clip_scale(norm, clip, rescale_to_unit_norm, clipping_fn)
         return jtu.tree_map(lambda x: scale if eqx.is_array(x) else x, subtree), norm
 
     try:
@@ -179,7 +191,7 @@ class ClipL2(eqx.Module):
 
     - `l2_clip_norm`: a non-negative number, or a PyTree prefix of the gradient.
     - `rescale_to_unit_norm`: divide the clipped gradient by the clip norm.
-    - `nan_safe`: as for `clip_pytree`.
+    - `nan_safe`, `clipping_fn`: as for `clip_pytree`.
 
     !!! example
 
@@ -201,6 +213,7 @@ class ClipL2(eqx.Module):
     l2_clip_norm: PyTree[Float[Array, ""]]
     rescale_to_unit_norm: bool = eqx.field(static=True, default=False)
     nan_safe: bool = eqx.field(static=True, default=True)
+    clipping_fn: AbstractClippingFn = AbadiClipping()
 
     # `jax.jit(f)` keys its cache on `f` itself: hash by identity, so that an instance
     # holding arrays can be jitted as a function (its arrays become constants).
@@ -211,7 +224,9 @@ class ClipL2(eqx.Module):
         l2_clip_norm: PyTree[ClipNorm],
         rescale_to_unit_norm: bool = False,
         nan_safe: bool = True,
+        clipping_fn: AbstractClippingFn = AbadiClipping(),
     ):
+        check_clipping_fn(clipping_fn, "ClipL2")
         for name, flag in (
             ("rescale_to_unit_norm", rescale_to_unit_norm),
             ("nan_safe", nan_safe),
@@ -228,6 +243,7 @@ class ClipL2(eqx.Module):
         )
         self.rescale_to_unit_norm = rescale_to_unit_norm
         self.nan_safe = nan_safe
+        self.clipping_fn = clipping_fn
 
     def __call__(self, grads: PyTree) -> PyTree:
         clipped, _ = clip_pytree(
@@ -235,5 +251,6 @@ class ClipL2(eqx.Module):
             self.l2_clip_norm,
             rescale_to_unit_norm=self.rescale_to_unit_norm,
             nan_safe=self.nan_safe,
+            clipping_fn=self.clipping_fn,
         )
         return clipped

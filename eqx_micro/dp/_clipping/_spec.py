@@ -13,6 +13,7 @@ import jax.tree_util as jtu
 from jaxtyping import Array, Float, Int, PyTree
 
 from ...internal import check_scalar_loss, DType, PADDING
+from ._clipping_fn import AbstractClippingFn
 
 
 def _squeeze_leading(x: Any) -> Any:
@@ -124,6 +125,7 @@ class ClipSettings(eqx.Module):
     pre_clipping_transform: Callable | None
     rescale_to_unit_norm: bool = eqx.field(static=True)
     nan_safe: bool = eqx.field(static=True)
+    clipping_fn: AbstractClippingFn
     dtype: DType = eqx.field(static=True)
     return_values: bool = eqx.field(static=True)
     return_grad_norms: bool = eqx.field(static=True)

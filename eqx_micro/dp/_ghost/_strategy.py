@@ -289,7 +289,9 @@ def _clip(
     real = jnp.ones((batch,), bool) if is_padding is None else ~is_padding
     keep = real & finite if clip.nan_safe else real
     scales = [
-        jnp.where(keep, clip_scale(norm, c, clip.rescale_to_unit_norm), 0.0)
+        jnp.where(
+            keep, clip_scale(norm, c, clip.rescale_to_unit_norm, clip.clipping_fn), 0.0
+        )
         for norm, c in zip(group_norms, jtu.tree_leaves(clip.l2_clip_norm))
     ]
     return _Clip(group_norms, real, finite, keep, scales)

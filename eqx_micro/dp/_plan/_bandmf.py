@@ -12,11 +12,13 @@ from .._accounting import (
     Real,
     truncated_amplified_bandmf_event,
 )
+from .._clipping._adaptive import QuantileAdaptiveClipping
 from .._clipping._contract import AbstractBoundedSensitivityCallable
 from .._noise._banded_toeplitz import optimize_banded_toeplitz, strategy_rmse
 from .._noise._bandmf import BandMFNoise
 from .._sampling._poisson import CyclicPoissonSampling, PartitionType
 from ._config import (
+    adaptive_parts,
     check_config,
     noise_multiplier_of,
     noise_seed_of,
@@ -63,7 +65,7 @@ class BandMFExecutionPlanConfig(eqx.Module):
         add-or-remove, the only one valid there.
     - `strategy_optimization_steps`: the optimizer's step budget (stops early on
         convergence).
-    - `accountant`, `neighboring_relation`, `noise_seed`: as in
+    - `accountant`, `neighboring_relation`, `noise_seed`, `adaptive_clipping`: as in
         [`dp.DPSGDExecutionPlanConfig`][eqx_micro.dp.DPSGDExecutionPlanConfig] (the relation
         defaults to `REPLACE_SPECIAL` when `num_examples` is public, else
         `ADD_OR_REMOVE_ONE`).
@@ -117,6 +119,7 @@ class BandMFExecutionPlanConfig(eqx.Module):
     accountant: AccountantLike = Accountant.PLD
     neighboring_relation: NeighboringRelation | None = None
     noise_seed: int | None = None
+    adaptive_clipping: QuantileAdaptiveClipping | None = None
 
     def __check_init__(self):
         check_config(self)
@@ -216,8 +219,12 @@ class BandMFExecutionPlanConfig(eqx.Module):
         )
         column_norm = float(np.linalg.norm(coefs))
         noise_multiplier = noise_multiplier_of(self)
+        seed = noise_seed_of(self.noise_seed)
+        fn, gradient_multiplier, adaptive = adaptive_parts(
+            self, clipped_aggregation_fn, noise_multiplier, relation_of(self), seed
+        )
         return DPExecutionPlan(
-            clipped_aggregation_fn=clipped_aggregation_fn,
+            clipped_aggregation_fn=fn,
             batch_selection_strategy=CyclicPoissonSampling(
                 sampling_prob=self.sampling_prob,
                 iterations=self.iterations,
@@ -227,14 +234,15 @@ class BandMFExecutionPlanConfig(eqx.Module):
             ),
             noise_addition_transform=BandMFNoise(
                 coefs,
-                stddev=noise_multiplier * sensitivity * column_norm,
-                key=noise_seed_of(self.noise_seed),
+                stddev=gradient_multiplier * sensitivity * column_norm,
+                key=seed,
             ),
             dp_event=self._make_event(noise_multiplier),
             neighboring_relation=relation_of(self),
             noise_multiplier=noise_multiplier,
             iterations=self.iterations,
             accountant=self.accountant,
+            adaptive_clipping=adaptive,
         )
 
 

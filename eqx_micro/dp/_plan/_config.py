@@ -6,6 +6,8 @@ import secrets
 from typing import Any
 
 import dp_accounting
+import jax
+import jax.tree_util as jtu
 import numpy as np
 
 from .._accounting import (
@@ -16,6 +18,8 @@ from .._accounting import (
     NeighboringRelation,
     Real,
 )
+from .._clipping._adaptive import QuantileAdaptiveClipping
+from .._clipping._callable import BoundedSensitivityCallable
 from .._clipping._contract import AbstractBoundedSensitivityCallable
 
 
@@ -76,6 +80,12 @@ def check_config(config: Any) -> None:
         raise ValueError(
             f"`noise_multiplier` must be finite and >= 0, got {config.noise_multiplier}."
         )
+    adaptive = config.adaptive_clipping
+    if adaptive is not None and not isinstance(adaptive, QuantileAdaptiveClipping):
+        raise TypeError(
+            "`adaptive_clipping` must be a `dp.QuantileAdaptiveClipping` (or None for a "
+            f"fixed clip norm), got {adaptive!r}."
+        )
     if config.num_examples is not None and config.num_examples < 1:
         raise ValueError(f"`num_examples` must be >= 1, got {config.num_examples}.")
     if config.truncated_batch_size is not None:
@@ -135,3 +145,36 @@ def sensitivity_of(fn: Any, relation: NeighboringRelation) -> float:
 def noise_seed_of(noise_seed: int | None) -> int:
     # Noise an adversary can predict protects nothing: by default, a secret seed.
     return secrets.randbits(63) if noise_seed is None else noise_seed
+
+
+def adaptive_parts(
+    config: Any,
+    fn: AbstractBoundedSensitivityCallable,
+    noise_multiplier: float,
+    relation: NeighboringRelation,
+    noise_seed: int,
+) -> tuple[AbstractBoundedSensitivityCallable, float, QuantileAdaptiveClipping | None]:
+    """`(callable, gradient noise multiplier, keyed adaptive module)` of a plan: with
+    `adaptive_clipping`, the callable also returns its gradient norms, the gradient
+    keeps the part of the noise the count does not take, and the count noise gets a
+    key from the plan's seed (a stream of its own)."""
+    adaptive = config.adaptive_clipping
+    if adaptive is None:
+        return fn, noise_multiplier, None
+    if not isinstance(fn, BoundedSensitivityCallable):
+        raise TypeError(
+            "`adaptive_clipping` sets the clip norm of the callable at every step, so it "
+            "needs one from `dp.clipped_grad`, `dp.ghost_clipped_grad` or "
+            f"`dp.clipped_fun`; got a {type(fn).__name__}."
+        )
+    clips = jtu.tree_leaves(fn.l2_clip_norm)
+    if any(float(c) <= 0 for c in clips):
+        raise ValueError(
+            "`adaptive_clipping` starts from the callable's `l2_clip_norm`, which must "
+            "be positive (a clip norm of 0 cannot grow geometrically); got "
+            f"{[float(c) for c in clips]}."
+        )
+    gradient = adaptive.gradient_noise_multiplier(noise_multiplier, len(clips), relation)
+    if adaptive.key is None:
+        adaptive = adaptive.with_key(jax.random.fold_in(jax.random.key(noise_seed), 1))
+    return fn.with_grad_norms(), gradient, adaptive

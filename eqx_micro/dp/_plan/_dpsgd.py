@@ -11,10 +11,12 @@ from .._accounting import (
     Real,
     truncated_dpsgd_event,
 )
+from .._clipping._adaptive import QuantileAdaptiveClipping
 from .._clipping._contract import AbstractBoundedSensitivityCallable
 from .._noise._gaussian import GaussianNoise
 from .._sampling._poisson import PoissonSampling
 from ._config import (
+    adaptive_parts,
     check_config,
     noise_multiplier_of,
     noise_seed_of,
@@ -52,6 +54,13 @@ class DPSGDExecutionPlanConfig(eqx.Module):
         `num_examples` is public.
     - `noise_seed`: the noise PRNG seed. `None` draws one from the operating system's
         secret source (non-reproducible, as noise should be in a real release).
+    - `adaptive_clipping`: a
+        [`dp.QuantileAdaptiveClipping`][eqx_micro.dp.QuantileAdaptiveClipping] to adapt
+        the clip norm to a quantile of the gradient norms, starting from the callable's.
+        Its privatized count is a second Gaussian query of each batch: the event is
+        accounted at `noise_multiplier` (calibrated or given) for both together, and
+        the gradient's noise multiplier is `(noise_multiplier⁻² -
+        count_noise_multiplier⁻²)^(-1/2)`, as in Andrew et al. (2021).
 
     !!! example
 
@@ -83,6 +92,7 @@ class DPSGDExecutionPlanConfig(eqx.Module):
     accountant: AccountantLike = Accountant.PLD
     neighboring_relation: NeighboringRelation | None = None
     noise_seed: int | None = None
+    adaptive_clipping: QuantileAdaptiveClipping | None = None
 
     def __check_init__(self):
         check_config(self)
@@ -125,19 +135,24 @@ class DPSGDExecutionPlanConfig(eqx.Module):
         """
         sensitivity = sensitivity_of(clipped_aggregation_fn, relation_of(self))
         noise_multiplier = noise_multiplier_of(self)
+        seed = noise_seed_of(self.noise_seed)
+        fn, gradient_multiplier, adaptive = adaptive_parts(
+            self, clipped_aggregation_fn, noise_multiplier, relation_of(self), seed
+        )
         return DPExecutionPlan(
-            clipped_aggregation_fn=clipped_aggregation_fn,
+            clipped_aggregation_fn=fn,
             batch_selection_strategy=PoissonSampling(
                 sampling_prob=self.sampling_prob,
                 iterations=self.iterations,
                 truncated_batch_size=self.truncated_batch_size,
             ),
             noise_addition_transform=GaussianNoise(
-                stddev=noise_multiplier * sensitivity, key=noise_seed_of(self.noise_seed)
+                stddev=gradient_multiplier * sensitivity, key=seed
             ),
             dp_event=self._make_event(noise_multiplier),
             neighboring_relation=relation_of(self),
             noise_multiplier=noise_multiplier,
             iterations=self.iterations,
             accountant=self.accountant,
+            adaptive_clipping=adaptive,
         )

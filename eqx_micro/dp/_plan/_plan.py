@@ -13,6 +13,7 @@ import equinox as eqx
 import jax
 import jax.core
 import jax.numpy as jnp
+import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Int, PyTree
 
@@ -23,6 +24,8 @@ from .._accounting import (
     NeighboringRelation,
     Real,
 )
+from .._clipping._adaptive import AdaptiveClipState, QuantileAdaptiveClipping
+from .._clipping._callable import BoundedSensitivityCallable
 from .._clipping._contract import AbstractBoundedSensitivityCallable, ClippedGradAux
 from .._noise._banded_toeplitz import strategy_rmse
 from .._noise._bandmf import BandMFNoise
@@ -53,6 +56,7 @@ class NoisyRelease(eqx.Module):
     clipped_aggregation_fn: AbstractBoundedSensitivityCallable
     noise_addition_transform: AbstractNoiseTransform
     iterations: Int[Array, ""]
+    adaptive_clipping: QuantileAdaptiveClipping | None = None
 
     # `jax.jit(f)` keys its cache on `f` itself: hash by identity, so that an instance
     # holding arrays can be jitted as a function (its arrays become constants).
@@ -66,21 +70,102 @@ class NoisyRelease(eqx.Module):
         **kwargs: Any,
     ) -> tuple[PyTree, AbstractNoiseState, ClippedGradAux]:
         """`(noisy_grad, new_noise_state, aux)`, as `DPExecutionPlan.noisy_grad`."""
+        if self.adaptive_clipping is not None:
+            raise TypeError(
+                "This plan adapts its clip norm (`adaptive_clipping`), which has a "
+                "state of its own: call `plan.adaptive_noisy_grad(noise_state, "
+                "clip_state, ...)` (or `plan.release.adaptive(...)`), or train with "
+                "`dp.DPTrainer`, which carries both states."
+            )
+        self._check_noise_state(noise_state)
+        clipped, aux = self.clipped_aggregation_fn(
+            *args, is_padding_example=is_padding_example, **kwargs
+        )
+        noise_state = self._counted(noise_state, clipped)
+        noisy, noise_state = self.noise_addition_transform.update(clipped, noise_state)
+        return noisy, noise_state, aux
+
+    def adaptive(
+        self,
+        noise_state: AbstractNoiseState,
+        clip_state: AdaptiveClipState,
+        *args: Any,
+        is_padding_example: Bool[ArrayLike, " batch"] | None = None,
+        **kwargs: Any,
+    ) -> tuple[PyTree, AbstractNoiseState, AdaptiveClipState, ClippedGradAux]:
+        """`(noisy_grad, new_noise_state, new_clip_state, aux)`, as
+        `DPExecutionPlan.adaptive_noisy_grad`.
+
+        !!! example
+
+            ```python
+            import jax.numpy as jnp
+            import eqx_micro.dp as dp
+
+            grad_fn = dp.clipped_grad(lambda w, x: jnp.sum(w * x), 1.0)
+            adaptive = dp.QuantileAdaptiveClipping(expected_batch_size=2, count_stddev=0.0)
+            config = dp.DPSGDExecutionPlanConfig(
+                10, 0.5, noise_multiplier=0.0, adaptive_clipping=adaptive
+            )
+            release = config.make(grad_fn).release
+            assert release.adaptive_clipping is not None
+            noise_state = release.noise_addition_transform.init(jnp.zeros(2))
+            clip_state = release.adaptive_clipping.init(1.0)
+            x = jnp.array([[3.0, 4.0], [0.3, 0.4]])  # norms 5 and 0.5
+            noisy, _, clip_state, _ = release.adaptive(
+                noise_state, clip_state, jnp.zeros(2), x
+            )
+            assert jnp.allclose(noisy, jnp.array([0.9, 1.2]))  # no noise at sigma 0
+            # One of two unclipped: the fraction is the target, the norm stays.
+            assert jnp.allclose(clip_state.l2_clip_norm, 1.0)
+            ```
+        """
+        adaptive = self.adaptive_clipping
+        if adaptive is None:
+            raise TypeError(
+                "This plan has a fixed clip norm: call `plan.noisy_grad(noise_state, "
+                "...)`; `adaptive_noisy_grad` is for plans made with "
+                "`adaptive_clipping=dp.QuantileAdaptiveClipping(...)`."
+            )
+        if not isinstance(clip_state, AdaptiveClipState):
+            raise TypeError(
+                "`clip_state` must be a `dp.AdaptiveClipState` (from "
+                f"`plan.adaptive_clipping.init(...)`), got {type(clip_state).__name__}."
+            )
+        self._check_noise_state(noise_state)
+        initial = self.clipped_aggregation_fn
+        assert isinstance(initial, BoundedSensitivityCallable)  # checked by the config
+        current = initial.with_l2_clip_norm(clip_state.l2_clip_norm)
+        clipped, aux = current(*args, is_padding_example=is_padding_example, **kwargs)
+        noise_state = self._counted(noise_state, clipped)
+        # The noise was calibrated to the initial clip norm: noising `clipped / ratio`
+        # (of that sensitivity) and scaling back is noise scaled to the current one.
+        ratio = current.clip_bound() / initial.clip_bound()
+        scaled = jtu.tree_map(lambda g: _divide(g, ratio), clipped)
+        noisy, noise_state = self.noise_addition_transform.update(scaled, noise_state)
+        noisy = jtu.tree_map(lambda g: (g * ratio.astype(g.dtype)).astype(g.dtype), noisy)
+        clip_state, _ = adaptive.update(clip_state, aux.grad_norms, is_padding_example)
+        return noisy, noise_state, clip_state, aux
+
+    def _check_noise_state(self, noise_state: Any) -> None:
         noise = self.noise_addition_transform
         if not isinstance(noise_state, noise.state_type):
             noise.check_state(noise_state, None)  # names the kinds
         check_budget(noise_state.count, self.iterations)
-        clipped, aux = self.clipped_aggregation_fn(
-            *args, is_padding_example=is_padding_example, **kwargs
-        )
-        noise.check_state(noise_state, clipped)
+
+    def _counted(self, noise_state: Any, clipped: PyTree) -> Any:
+        self.noise_addition_transform.check_state(noise_state, clipped)
         count = noise_state.count
         # Under `jit` the count is known only at run time: one check per release, on
         # the count the new state is built from.
         count = eqx.error_if(count, count >= self.iterations, _USED_UP_TRACED)
-        noise_state = eqx.tree_at(lambda s: s.count, noise_state, count)
-        noisy, noise_state = self.noise_addition_transform.update(clipped, noise_state)
-        return noisy, noise_state, aux
+        return eqx.tree_at(lambda s: s.count, noise_state, count)
+
+
+def _divide(g: Any, ratio: Any) -> Any:
+    # A clip norm adapted down to 0 clips everything to 0: release 0, not 0 / 0.
+    ratio = ratio.astype(g.dtype)
+    return jnp.where(ratio > 0, g / jnp.where(ratio > 0, ratio, 1), jnp.zeros_like(g))
 
 
 def check_budget(count: Any, iterations: Any) -> None:
@@ -170,6 +255,10 @@ class DPExecutionPlan(eqx.Module):
     - `noise_multiplier`: noise standard deviation over the sensitivity.
     - `iterations`: the number of noised updates the event covers.
     - `accountant`: the accountant used for calibration and `epsilon`.
+    - `adaptive_clipping`: a
+        [`dp.QuantileAdaptiveClipping`][eqx_micro.dp.QuantileAdaptiveClipping] (with its
+        key) when the clip norm adapts, else None. `noise_multiplier` is then that of
+        the gradient and count queries together, the one the event accounts.
     """
 
     clipped_aggregation_fn: AbstractBoundedSensitivityCallable
@@ -180,6 +269,7 @@ class DPExecutionPlan(eqx.Module):
     noise_multiplier: float = eqx.field(static=True)
     iterations: int = eqx.field(static=True)
     accountant: AccountantLike = eqx.field(static=True, default=Accountant.PLD)
+    adaptive_clipping: QuantileAdaptiveClipping | None = None
 
     # `jax.jit(f)` keys its cache on `f` itself: hash by identity, so that an instance
     # holding arrays can be jitted as a function (its arrays become constants).
@@ -254,9 +344,14 @@ class DPExecutionPlan(eqx.Module):
                 f"`prefix_sum_rmse` knows Gaussian and BandMF noise, not "
                 f"{type(noise).__name__}."
             )
-        return self.noise_multiplier * strategy_rmse(
-            coefs / np.linalg.norm(coefs), self.iterations
-        )
+        multiplier = self.noise_multiplier
+        if self.adaptive_clipping is not None:
+            fn = self.clipped_aggregation_fn
+            assert isinstance(fn, BoundedSensitivityCallable)  # checked by the config
+            multiplier = self.adaptive_clipping.gradient_noise_multiplier(
+                multiplier, len(jtu.tree_leaves(fn.l2_clip_norm)), self.neighboring_relation
+            )
+        return multiplier * strategy_rmse(coefs / np.linalg.norm(coefs), self.iterations)
 
     def noisy_grad(
         self,
@@ -321,6 +416,55 @@ class DPExecutionPlan(eqx.Module):
             clipped_aggregation_fn=self.clipped_aggregation_fn,
             noise_addition_transform=self.noise_addition_transform,
             iterations=jnp.asarray(self.iterations, jnp.int32),
+            adaptive_clipping=self.adaptive_clipping,
+        )
+
+    def adaptive_noisy_grad(
+        self,
+        noise_state: Any,
+        clip_state: AdaptiveClipState,
+        *args: Any,
+        is_padding_example: ArrayLike | None = None,
+        **kwargs: Any,
+    ) -> tuple[PyTree, Any, AdaptiveClipState, Any]:
+        """`noisy_grad` for a plan with adaptive clipping: one private release at the
+        current clip norm, then the clip norm's update from the privatized count.
+
+        The clip norms of `clip_state` replace the callable's; the noise, calibrated to
+        the initial clip norm, is scaled with them (the noise multiplier is fixed, so
+        the sensitivity and the noise move together).
+
+        **Returns:**
+
+        `(noisy_grad, new_noise_state, new_clip_state, aux)`.
+
+        !!! example
+
+            ```python
+            import jax.numpy as jnp
+            import eqx_micro.dp as dp
+
+            grad_fn = dp.clipped_grad(lambda w, x: jnp.sum(w * x), 1.0)
+            adaptive = dp.QuantileAdaptiveClipping(expected_batch_size=2, count_stddev=5.0)
+            config = dp.DPSGDExecutionPlanConfig(
+                10, 0.5, noise_multiplier=1.0, adaptive_clipping=adaptive, noise_seed=0
+            )
+            plan = config.make(grad_fn)
+            noise_state = plan.noise_addition_transform.init(jnp.zeros(2))
+            clip_state = plan.adaptive_clipping.init(grad_fn.l2_clip_norm)
+            x = jnp.array([[3.0, 4.0], [0.3, 0.4]])
+            noisy, noise_state, clip_state, _ = plan.adaptive_noisy_grad(
+                noise_state, clip_state, jnp.zeros(2), x
+            )
+            assert noisy.shape == (2,) and clip_state.l2_clip_norm != 1.0
+            ```
+        """
+        return self.release.adaptive(
+            noise_state,
+            clip_state,
+            *args,
+            is_padding_example=is_padding_example,
+            **kwargs,
         )
 
     def event_for_steps(self, steps: int) -> dp_accounting.DpEvent:

@@ -68,6 +68,9 @@ class Progress:
             return
         loss = float(metrics["loss"])
         text = {"loss": "n/a" if math.isnan(loss) else f"{loss:.4f}"}
+        clip = float(metrics.get("clip_norm", math.nan))
+        if not math.isnan(clip):  # adaptive clipping
+            text["clip"] = f"{clip:.3g}"
         if self.epsilon is not None:
             text["eps"] = f"{format_epsilon(self.epsilon[1])} (step {self.epsilon[0]})"
         self.text = text

@@ -4,6 +4,7 @@ import dp_accounting
 import equinox as eqx
 from jaxtyping import Array, Int, PyTree
 
+from .._clipping._adaptive import AdaptiveClipState
 from .._noise._base import AbstractNoiseState
 
 
@@ -22,6 +23,9 @@ class TrainState(eqx.Module):
     - `opt_state`: the optimizer's state.
     - `noise_state`: the state of the plan's noise (its PRNG key and release count).
     - `step`: the number of updates made so far, an int32 scalar.
+    - `clip_state`: with adaptive clipping, the
+        [`dp.AdaptiveClipState`][eqx_micro.dp.AdaptiveClipState] (the current clip norms
+        and the count noise's key); None for a fixed clip norm.
 
     !!! example
 
@@ -46,6 +50,7 @@ class TrainState(eqx.Module):
     opt_state: PyTree
     noise_state: AbstractNoiseState
     step: Int[Array, ""]
+    clip_state: AdaptiveClipState | None = None
 
 
 class PrivacyReport(eqx.Module):
@@ -59,6 +64,8 @@ class PrivacyReport(eqx.Module):
     - `steps`: the number of noisy updates made.
     - `iterations`: the number the plan allows (and its event accounts for).
     - `dp_event`: the `dp_accounting` event of the steps taken.
+    - `l2_clip_norm`: with adaptive clipping, the clip norms at the end of the run
+        (reported by `DPTrainer.fit`); else None.
 
     !!! example
 
@@ -78,3 +85,4 @@ class PrivacyReport(eqx.Module):
     steps: int
     iterations: int
     dp_event: dp_accounting.DpEvent = eqx.field(static=True)
+    l2_clip_norm: PyTree[float] | None = None

@@ -5,6 +5,7 @@ number of updates). The trainer adds what it does not: the optimizer, padding ba
 a few fixed shapes, progress, checkpoints, and the epsilon of the steps actually taken.
 """
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -23,6 +24,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, PRNGKeyArray, PyTree
 from ... import micro_grad
 from ...internal import check_key, check_positive_int
 from .._accounting import check_delta, compute_epsilon, NeighboringRelation, Real
+from .._clipping._adaptive import AdaptiveClipState
 from .._clipping._callable import BoundedSensitivityCallable
 from .._clipping._contract import ClippedGradAux
 from .._plan._plan import check_budget, DPExecutionPlan, NoisyRelease
@@ -305,6 +307,23 @@ class DPTrainer(eqx.Module):
             )
         # The budget, before the compiled step (whose check can only fail at run time).
         check_budget(state.noise_state.count, self.plan.iterations)
+        self._check_clip_state(state.clip_state)
+
+    def _check_clip_state(self, clip_state: Any) -> None:
+        adaptive = self.plan.adaptive_clipping is not None
+        if adaptive and not isinstance(clip_state, AdaptiveClipState):
+            raise TypeError(
+                "This trainer's plan adapts its clip norm, so the state needs its "
+                "`clip_state` (a `dp.AdaptiveClipState`); got "
+                f"{type(clip_state).__name__}. Make the state with `trainer.init(model)` "
+                "(or restore a checkpoint of a run with the same plan)."
+            )
+        if not adaptive and clip_state is not None:
+            raise TypeError(
+                "The state has a `clip_state` (adaptive clipping), but this trainer's "
+                "plan has a fixed clip norm: it comes from another plan. Make the state "
+                "with `trainer.init(model)`."
+            )
 
     def init(self, model: PyTree) -> TrainState:
         """The state before the first step.
@@ -329,11 +348,17 @@ class DPTrainer(eqx.Module):
         """
         _check_no_batch_norm(model)
         params = eqx.filter(model, eqx.is_inexact_array)
+        clip_state = None
+        if self.plan.adaptive_clipping is not None:
+            fn = self.plan.clipped_aggregation_fn
+            assert isinstance(fn, BoundedSensitivityCallable)  # checked by the config
+            clip_state = self.plan.adaptive_clipping.init(fn.l2_clip_norm)
         return TrainState(
             model=model,
             opt_state=self.optimizer.init(params),
             noise_state=self.plan.noise_addition_transform.init(params),
             step=jnp.zeros((), jnp.int32),
+            clip_state=clip_state,
         )
 
     def step(
@@ -359,10 +384,12 @@ class DPTrainer(eqx.Module):
 
         `(new_state, metrics)`. The metrics are `"loss"`, the mean loss of the real
         examples (NaN unless the callable was built with `return_values=True`),
-        `"num_nonfinite"`, the examples whose gradient was not finite, and
-        `"noisy_grad_norm"`, the norm of the normalized noisy gradient. Only the last is
-        privatized: the other two are computed from the private batch, for monitoring;
-        the plan's epsilon covers the model, not them.
+        `"num_nonfinite"`, the examples whose gradient was not finite,
+        `"noisy_grad_norm"`, the norm of the normalized noisy gradient, and
+        `"clip_norm"`, the clip norm this step used with adaptive clipping (the root of
+        the sum of squares of per-layer ones; NaN for a fixed clip norm). The last two
+        are privatized; the loss and `num_nonfinite` are computed from the private
+        batch, for monitoring: the plan's epsilon covers the model, not them.
 
         !!! example
 
@@ -558,6 +585,7 @@ class DPTrainer(eqx.Module):
             _check_no_batch_norm(state.model)
             params = eqx.filter(state.model, eqx.is_inexact_array)
             self.plan.noise_addition_transform.check_state(state.noise_state, params)
+            self._check_clip_state(state.clip_state)
         else:
             state = self.init(model_or_state)
         start = int(state.step)
@@ -594,6 +622,9 @@ class DPTrainer(eqx.Module):
             if callback is not None and callback(state, metrics):
                 break
         report = report_at(steps)
+        if state.clip_state is not None:
+            clips = jtu.tree_map(float, state.clip_state.l2_clip_norm)
+            report = dataclasses.replace(report, l2_clip_norm=clips)
         bar.close(report)
         return state.model, report
 
@@ -621,13 +652,27 @@ def _step(
     key: PRNGKeyArray,
 ) -> tuple[TrainState, dict[str, Array]]:
     key = jax.random.fold_in(key, state.step)
-    grads, noise_state, aux = release(
-        state.noise_state,
-        state.model,
-        batch,
-        key,
-        is_padding_example=is_padding_example,
-    )
+    clip_state = state.clip_state
+    if clip_state is None:
+        grads, noise_state, aux = release(
+            state.noise_state,
+            state.model,
+            batch,
+            key,
+            is_padding_example=is_padding_example,
+        )
+        clip_norm = jnp.full((), jnp.nan, jnp.float32)
+    else:
+        # The clip norm this step used: the one the progress bar shows.
+        clip_norm = optax.tree.norm(clip_state.l2_clip_norm)
+        grads, noise_state, clip_state, aux = release.adaptive(
+            state.noise_state,
+            clip_state,
+            state.model,
+            batch,
+            key,
+            is_padding_example=is_padding_example,
+        )
     grads = jtu.tree_map(
         lambda g: g / normalize_by.astype(g.dtype) if eqx.is_array(g) else g, grads
     )
@@ -635,9 +680,13 @@ def _step(
     updates, opt_state = optimizer.update(grads, state.opt_state, params)
     model = eqx.apply_updates(state.model, updates)
     new_state = TrainState(
-        model=model, opt_state=opt_state, noise_state=noise_state, step=state.step + 1
+        model=model,
+        opt_state=opt_state,
+        noise_state=noise_state,
+        step=state.step + 1,
+        clip_state=clip_state,
     )
-    return new_state, _metrics(aux, is_padding_example, grads)
+    return new_state, {**_metrics(aux, is_padding_example, grads), "clip_norm": clip_norm}
 
 
 def _metrics(

@@ -11,6 +11,16 @@ from ._accounting import (
     truncated_amplified_bandmf_event as truncated_amplified_bandmf_event,
     truncated_dpsgd_event as truncated_dpsgd_event,
 )
+from ._auditing import (
+    AbstractThresholdStrategy as AbstractThresholdStrategy,
+    Bonferroni as Bonferroni,
+    BootstrapParams as BootstrapParams,
+    CanaryScoreAuditor as CanaryScoreAuditor,
+    Explicit as Explicit,
+    MultiSplit as MultiSplit,
+    Split as Split,
+    ThresholdStrategy as ThresholdStrategy,
+)
 from ._clipping._adaptive import (
     AdaptiveClipState as AdaptiveClipState,
     QuantileAdaptiveClipping as QuantileAdaptiveClipping,

@@ -82,11 +82,12 @@ def test_automatic_clipping_equals_a_hand_written_reference(
     for i in range(6):
         if padding[i]:
             continue
-        g = jtu.tree_map(lambda leaf: leaf[i], grads)
+        g = {k: v[i] for k, v in grads.items()}
         if per_layer:
             clipped = {k: g[k] * reference_scale(g[k], clip[k]) for k in g}
         else:
-            clipped = jtu.tree_map(lambda leaf: leaf * reference_scale(g, clip), g)
+            scale = reference_scale(g, clip)
+            clipped = {k: v * scale for k, v in g.items()}
         expected = jtu.tree_map(jnp.add, expected, clipped)
 
     options = dict(microbatch_size=microbatch_size, clipping_fn=dp.AutomaticClipping(gamma))
@@ -446,13 +447,12 @@ def test_vmap_and_ghost_give_the_same_clip_trajectory():
         for microbatch_size in (None, 8):
             trainer = _trainer(ghost=ghost, microbatch_size=microbatch_size)
             model = eqx.nn.Linear(3, 1, key=jax.random.key(0))
-            clips = []
-            model, _ = trainer.fit(
-                _data(),
-                model,
-                callback=lambda s, m: clips.append(float(m["clip_norm"])),
-                **FIT,
-            )
+            clips: list[float] = []
+
+            def record(state, metrics, clips=clips):
+                clips.append(float(metrics["clip_norm"]))
+
+            model, _ = trainer.fit(_data(), model, callback=record, **FIT)
             results.append((np.array(clips), model))
     for clips, model in results[1:]:
         np.testing.assert_allclose(clips, results[0][0], rtol=1e-5)

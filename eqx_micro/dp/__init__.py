@@ -56,6 +56,12 @@ from ._noise._base import (
     AbstractNoiseState as AbstractNoiseState,
     AbstractNoiseTransform as AbstractNoiseTransform,
 )
+from ._noise._blt import BLTNoise as BLTNoise, BLTNoiseState as BLTNoiseState
+from ._noise._buffered_toeplitz import (
+    BufferedToeplitz as BufferedToeplitz,
+    ErrorObjective as ErrorObjective,
+    optimize_blt as optimize_blt,
+)
 from ._noise._gaussian import (
     GaussianNoise as GaussianNoise,
     GaussianNoiseState as GaussianNoiseState,
@@ -64,6 +70,7 @@ from ._plan._bandmf import (
     BandMFExecutionPlanConfig as BandMFExecutionPlanConfig,
     choose_num_bands as choose_num_bands,
 )
+from ._plan._blt import BLTExecutionPlanConfig as BLTExecutionPlanConfig
 from ._plan._dpsgd import DPSGDExecutionPlanConfig as DPSGDExecutionPlanConfig
 from ._plan._plan import DPExecutionPlan as DPExecutionPlan, NoisyRelease as NoisyRelease
 from ._sampling._base import (

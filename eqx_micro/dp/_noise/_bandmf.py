@@ -239,7 +239,9 @@ class BandMFNoise(AbstractNoiseTransform[BandMFNoiseState]):
                 # rest once: slot s holds w_{t-j} with j = (t - s - 1) mod depth + 1.
                 slots = jnp.arange(depth)
                 lags = (state.count - slots - 1) % depth + 1
-                noise = noise - jnp.tensordot(coefs[lags], past, axes=1)
+                noise = noise - jnp.tensordot(
+                    coefs[lags], past, axes=1, precision=jax.lax.Precision.HIGHEST
+                )
             noise = noise / coefs[0]
             if depth > 0:
                 new_history[i] = past.at[state.count % depth].set(noise)

@@ -30,6 +30,7 @@ from .._clipping._contract import AbstractBoundedSensitivityCallable, ClippedGra
 from .._noise._banded_toeplitz import strategy_rmse
 from .._noise._bandmf import BandMFNoise
 from .._noise._base import AbstractNoiseState, AbstractNoiseTransform
+from .._noise._blt import BLTNoise
 from .._noise._gaussian import GaussianNoise
 from .._sampling._base import AbstractBatchSelectionStrategy
 
@@ -335,21 +336,29 @@ class DPExecutionPlan(eqx.Module):
             ```
         """
         noise = self.noise_addition_transform
-        if isinstance(noise, BandMFNoise):
-            coefs = np.asarray(noise.coefs, np.float64)
-        elif isinstance(noise, GaussianNoise):
-            coefs = np.ones(1)
-        else:
-            raise TypeError(
-                f"`prefix_sum_rmse` knows Gaussian and BandMF noise, not "
-                f"{type(noise).__name__}."
-            )
         multiplier = self.noise_multiplier
         if self.adaptive_clipping is not None:
             fn = self.clipped_aggregation_fn
             assert isinstance(fn, BoundedSensitivityCallable)  # checked by the config
             multiplier = self.adaptive_clipping.gradient_noise_multiplier(
                 multiplier, len(jtu.tree_leaves(fn.l2_clip_norm)), self.neighboring_relation
+            )
+        if isinstance(noise, BLTNoise):
+            # Its RMSE includes the strategy's sensitivity for this participation.
+            cycle = self.batch_selection_strategy.min_separation()
+            return multiplier * noise.strategy.rmse(
+                self.iterations,
+                min_sep=cycle,
+                max_participations=math.ceil(self.iterations / cycle),
+            )
+        if isinstance(noise, BandMFNoise):
+            coefs = np.asarray(noise.coefs, np.float64)
+        elif isinstance(noise, GaussianNoise):
+            coefs = np.ones(1)
+        else:
+            raise TypeError(
+                f"`prefix_sum_rmse` knows Gaussian, BandMF and BLT noise, not "
+                f"{type(noise).__name__}."
             )
         return multiplier * strategy_rmse(coefs / np.linalg.norm(coefs), self.iterations)
 

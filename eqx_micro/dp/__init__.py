@@ -21,6 +21,14 @@ from ._auditing import (
     Split as Split,
     ThresholdStrategy as ThresholdStrategy,
 )
+from ._canaries import (
+    audit as audit,
+    AuditMethod as AuditMethod,
+    AuditReport as AuditReport,
+    CanaryLoss as CanaryLoss,
+    GradientCanaries as GradientCanaries,
+    InputCanaries as InputCanaries,
+)
 from ._clipping._adaptive import (
     AdaptiveClipState as AdaptiveClipState,
     QuantileAdaptiveClipping as QuantileAdaptiveClipping,

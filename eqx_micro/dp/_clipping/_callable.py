@@ -119,7 +119,12 @@ class BoundedSensitivityCallable(AbstractBoundedSensitivityCallable):
                 "The sensitivity of a clipped aggregation needs concrete clip norms and "
                 "`normalize_by`; read it outside `jax.jit` (plans do, when made)."
             )
-        return float(self.clip_bound()) / float(self.normalize_by)
+        # In float64 on the host (`clip_bound` is the float32, traceable twin).
+        if self.clip.rescale_to_unit_norm:
+            total = float(len(clips))
+        else:
+            total = sum(float(c) ** 2 for c in clips)
+        return math.sqrt(total) / float(self.normalize_by)
 
     def clip_bound(self) -> Float[Array, ""]:
         """The bound before `normalize_by`, as a float32 array (traceable, unlike

@@ -2,7 +2,6 @@
 
 from typing import Any
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -14,8 +13,8 @@ from ._base import (
     AbstractNoiseTransform,
     check_stddev,
     key_from,
-    noise_dtype,
     scaled_normals,
+    stacked_zeros,
     step_keys,
 )
 
@@ -178,19 +177,11 @@ class BandMFNoise(AbstractNoiseTransform[BandMFNoiseState]):
             assert state.history.weight.shape == (2, 2, 3)
             ```
         """
-        depth = self.num_bands - 1
-
-        def zeros(leaf):
-            if not eqx.is_inexact_array(leaf):
-                return None
-            # zeros_like keeps the leaf's sharding, so the history is sharded like it.
-            zeros = jnp.zeros_like(leaf, dtype=noise_dtype(leaf.dtype))
-            return jnp.broadcast_to(zeros[None], (depth, *leaf.shape))
 
         return BandMFNoiseState(
             key_data=jax.random.key_data(self.key),
             count=jnp.zeros((), jnp.int32),
-            history=jtu.tree_map(zeros, params),
+            history=stacked_zeros(params, self.num_bands - 1),
         )
 
     def update(

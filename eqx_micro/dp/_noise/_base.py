@@ -187,6 +187,20 @@ def noise_dtype(dtype: Any) -> Any:
     return dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
 
 
+def stacked_zeros(params: PyTree, depth: int) -> PyTree:
+    """`depth` stacked zero copies of every inexact array leaf of `params` (in its
+    noise dtype), `None` elsewhere: the per-leaf memory of a correlated-noise state."""
+
+    def zeros(leaf):
+        if not eqx.is_inexact_array(leaf):
+            return None
+        # zeros_like keeps the leaf's sharding, so the stack is sharded like it.
+        zeros = jnp.zeros_like(leaf, dtype=noise_dtype(leaf.dtype))
+        return jnp.broadcast_to(zeros[None], (depth, *leaf.shape))
+
+    return jtu.tree_map(zeros, params)
+
+
 def scaled_normals(
     leaves: list, stddev: Float[Array, ""], key: PRNGKeyArray
 ) -> list[tuple[int, Array]]:

@@ -2,7 +2,6 @@
 
 from typing import Any
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -14,8 +13,8 @@ from ._base import (
     AbstractNoiseTransform,
     check_stddev,
     key_from,
-    noise_dtype,
     scaled_normals,
+    stacked_zeros,
     step_keys,
 )
 from ._buffered_toeplitz import BufferedToeplitz
@@ -224,19 +223,11 @@ class BLTNoise(AbstractNoiseTransform[BLTNoiseState]):
             assert state.buffers.weight.shape == (3, 2, 3)
             ```
         """
-        count = self.num_buffers
-
-        def zeros(leaf):
-            if not eqx.is_inexact_array(leaf):
-                return None
-            # zeros_like keeps the leaf's sharding, so the buffers are sharded like it.
-            zeros = jnp.zeros_like(leaf, dtype=noise_dtype(leaf.dtype))
-            return jnp.broadcast_to(zeros[None], (count, *leaf.shape))
 
         return BLTNoiseState(
             key_data=jax.random.key_data(self.key),
             count=jnp.zeros((), jnp.int32),
-            buffers=jtu.tree_map(zeros, params),
+            buffers=stacked_zeros(params, self.num_buffers),
         )
 
     def update(

@@ -57,14 +57,14 @@ VARIANTS = [
         ("noisy_grad", "fit", "resume"),
     )
 ]
+# Automatic and adaptive clipping: every route meets every entry once, and the
+# microbatch size alternates so that each pair of (route, microbatching, entry) values
+# is covered (a pairwise design: 9 variants a kind instead of 18; CI time).
 VARIANTS += [
-    Variant(route, microbatch_size, True, entry, clipping)
-    for clipping, route, microbatch_size, entry in itertools.product(
-        ("automatic", "adaptive"),
-        ("vmap", "BOOK_KEEPING", "GHOST"),
-        (None, 8),
-        ("noisy_grad", "fit", "resume"),
-    )
+    Variant(route, (None, 8)[(r + e) % 2], True, entry, clipping)
+    for clipping in ("automatic", "adaptive")
+    for r, route in enumerate(("vmap", "BOOK_KEEPING", "GHOST"))
+    for e, entry in enumerate(("noisy_grad", "fit", "resume"))
 ]
 CLIPPINGS = ("fixed", "automatic", "adaptive")
 REFERENCES = {c: Variant("vmap", None, False, "noisy_grad", c) for c in CLIPPINGS}

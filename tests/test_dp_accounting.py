@@ -185,3 +185,35 @@ def test_accounting_is_quiet_and_leaves_logging_alone(caplog):
         dp_accounting.rdp.RdpAccountant().compose(event).get_epsilon(1e-5)
         assert caplog.records  # outside our calls, dp_accounting speaks as before
     assert logger.level == level
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        dp.dpsgd_event(0.05, 100, sampling_prob=0.01),
+        dp_accounting.ComposedDpEvent(
+            [
+                dp.dpsgd_event(1.0, 10, sampling_prob=0.1),
+                dp_accounting.GaussianDpEvent(0.09),
+            ]
+        ),
+        dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(0.02), 3),
+    ],
+)
+def test_pld_refuses_noise_too_small_to_discretize(event):
+    # The PLD grid at these noise multipliers takes minutes and gigabytes: a clear error
+    # naming the fix instead of a hang. RDP answers the same event at once, and a PLD
+    # accountant the user configures is taken as given.
+    with pytest.raises(ValueError, match=r"accountant=dp\.Accountant\.RDP"):
+        dp.compute_epsilon(event, 1e-5)
+    assert dp.compute_epsilon(event, 1e-5, accountant=dp.Accountant.RDP) > 10
+
+
+def test_pld_still_accounts_small_noise_and_no_noise():
+    event = dp.dpsgd_event(0.5, 1, sampling_prob=0.01)
+    pld = dp.compute_epsilon(event, 1e-5)
+    expected = dp_accounting.pld.PLDAccountant().compose(event).get_epsilon(1e-5)
+    assert pld == pytest.approx(expected, rel=1e-9)
+    assert dp.compute_epsilon(dp.dpsgd_event(0.0, 1, sampling_prob=0.01), 1e-5) == float(
+        "inf"
+    )
